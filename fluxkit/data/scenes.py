@@ -1,0 +1,355 @@
+"""Procedural scenes: a structured description, a renderer and a deterministic dataset.
+
+A `Scene` is plain data (background, objects, relation, sign, which attributes the caption states). The caption
+(`fluxkit.data.captions`), the pixels (`render`) and the evaluation checks (`fluxkit.eval.checker`) are all derived
+from it, so a caption never says something the image does not show. Edits (`edit_recolor`, `edit_remove`,
+`edit_move`) return a new Scene plus an instruction, so before/after pairs render from the same structure.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, replace
+from functools import lru_cache
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+# Object colours: far apart in RGB so nearest-colour segmentation separates them (pairwise distance >= 110).
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 70, 220), "yellow": (250, 220, 20),
+    "orange": (245, 130, 0), "purple": (130, 40, 170), "pink": (250, 120, 190), "white": (255, 255, 255),
+    "black": (0, 0, 0),
+}
+BACKGROUNDS: dict[str, tuple[int, int, int]] = {
+    "white": (255, 255, 255), "black": (0, 0, 0), "gray": (128, 128, 128), "light blue": (185, 210, 245),
+    "light yellow": (250, 245, 190), "light pink": (250, 210, 225), "light green": (200, 240, 195),
+}
+BOARD_COLOURS: dict[str, tuple[int, int, int]] = {"brown": (125, 75, 35)}  # sign boards only
+PALETTE: dict[str, tuple[int, int, int]] = {**COLOURS, **BACKGROUNDS, **BOARD_COLOURS}  # every classifiable colour
+BOARDS: tuple[tuple[str, str], ...] = (("white", "black"), ("brown", "white"), ("black", "yellow"), ("blue", "white"))
+SHAPES = ("circle", "square", "triangle", "star")
+SIZES: dict[str, tuple[float, float]] = {"small": (0.17, 0.22), "large": (0.34, 0.42)}  # long side / min(W, H)
+SIZE_THRESHOLD = 0.28  # between the two ranges; the checker classifies size with it
+POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
+RELATIONS = ("above", "below", "left of", "right of")
+KINDS = ("single", "count", "relation", "sign")
+STATABLE = {  # kind -> (attributes a caption always states, attributes it may state)
+    "single": ({"colour", "shape"}, {"size", "position", "background"}),
+    "count": ({"count", "colour", "shape"}, {"size", "background"}),
+    "relation": ({"colour", "shape", "relation"}, {"background"}),
+    "sign": ({"text"}, {"background"}),
+}
+WORDS = ("OPEN", "STOP", "EXIT", "SALE", "CAFE", "HOTEL", "BAR", "BANK", "TAXI", "PARK", "BUS", "SHOP", "FOOD",
+         "GAS", "INN", "ZOO", "BOOK", "MILK", "FISH", "PIZZA", "HELLO", "LOVE", "HOME", "FREE", "WAIT", "PUSH",
+         "PULL", "YES", "NO", "GO", "MENU", "BREAD")
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+HELD_OUT_PAIRS = frozenset({("purple", "star"), ("orange", "triangle"), ("pink", "square"), ("green", "circle")})
+IMAGE_SIZES = ((128, 128), (160, 96), (96, 160))  # (width, height)
+MIN_CONTRAST = 110.0  # RGB distance an object (or board) keeps from what it is drawn on
+SUPERSAMPLE = 4  # draw at 4x and box-filter down: anti-aliased edges
+MARGIN = 2.0  # pixels kept free around objects (frame edge and each other)
+PAIR_MODES = ("train", "held_out", "any")
+
+
+def contrasts(a: str, b: str) -> bool:
+    """Whether colours `a` and `b` (PALETTE names) are far enough apart to draw one on the other."""
+    return math.dist(PALETTE[a], PALETTE[b]) >= MIN_CONTRAST
+
+
+def allowed_pairs(mode: str, background: str) -> list[tuple[str, str]]:
+    """(colour, shape) pairs drawable on `background`: "train" excludes HELD_OUT_PAIRS, "held_out" is only them."""
+    if mode not in PAIR_MODES:
+        raise ValueError(f"pairs must be one of {PAIR_MODES}, got {mode!r}")
+    pairs = [(c, s) for c in COLOURS for s in SHAPES if contrasts(c, background)]
+    if mode == "train":
+        return [p for p in pairs if p not in HELD_OUT_PAIRS]
+    return [p for p in pairs if p in HELD_OUT_PAIRS] if mode == "held_out" else pairs
+
+
+def position_of(x: float, y: float, width: int, height: int) -> str:
+    """Name of the 3x3 grid cell holding point (x, y)."""
+    col, row = min(int(3 * x / width), 2), min(int(3 * y / height), 2)
+    return POSITIONS[3 * row + col]
+
+
+def shape_half_extents(shape: str, extent: float) -> tuple[float, float]:
+    """Half width and half height of a shape whose long side is `extent` pixels."""
+    if shape == "triangle":
+        return extent / 2, extent * math.sqrt(3) / 4  # equilateral
+    if shape == "star":
+        return extent / 2, extent * (1 + math.cos(math.pi / 5)) / (4 * math.sin(2 * math.pi / 5))
+    return extent / 2, extent / 2
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    shape: str
+    colour: str
+    size: str  # "small" | "large"
+    centre: tuple[float, float]  # bbox centre, pixels (x, y)
+    extent: float  # long side of the bbox, pixels
+    position: str  # grid cell of the centre
+
+    def __post_init__(self) -> None:
+        for name, value, vocab in (("shape", self.shape, SHAPES), ("colour", self.colour, COLOURS),
+                                   ("size", self.size, SIZES), ("position", self.position, POSITIONS)):
+            if value not in vocab:
+                raise ValueError(f"SceneObject {name} must be one of {tuple(vocab)}, got {value!r}")
+
+    @property
+    def bbox(self) -> tuple[float, float, float, float]:
+        hw, hh = shape_half_extents(self.shape, self.extent)
+        return (self.centre[0] - hw, self.centre[1] - hh, self.centre[0] + hw, self.centre[1] + hh)
+
+
+@dataclass(frozen=True)
+class Sign:
+    text: str
+    board: str  # board colour (PALETTE name)
+    ink: str  # letter colour
+    bbox: tuple[float, float, float, float]  # board rectangle, pixels
+    font_px: float  # font size in output pixels
+
+
+@dataclass(frozen=True)
+class Scene:
+    kind: str
+    width: int
+    height: int
+    background: str
+    stated: frozenset[str]  # attributes the caption states, hence the checks that apply
+    objects: tuple[SceneObject, ...] = ()
+    relation: str | None = None  # objects[0] <relation> objects[1]
+    sign: Sign | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"Scene kind must be one of {KINDS}, got {self.kind!r}")
+        if self.width % 16 or self.height % 16 or self.width <= 0 or self.height <= 0:
+            raise ValueError(f"Scene size must be positive multiples of 16, got {self.width}x{self.height}")
+        if self.background not in BACKGROUNDS:
+            raise ValueError(f"Scene background must be one of {tuple(BACKGROUNDS)}, got {self.background!r}")
+        required, optional = STATABLE[self.kind]
+        if not required <= self.stated <= required | optional:
+            raise ValueError(f"Scene stated {sorted(self.stated)} must hold {sorted(required)} and at most "
+                             f"{sorted(optional)} for kind {self.kind!r}")
+        if (self.kind == "relation") != (self.relation is not None) or self.relation not in (None, *RELATIONS):
+            raise ValueError(f"relation {self.relation!r} does not fit kind {self.kind!r}")
+        if (self.kind == "sign") != (self.sign is not None):
+            raise ValueError(f"a sign is required exactly for kind 'sign', got kind {self.kind!r}")
+        counts = {"single": (1, 1), "count": (1, 3), "relation": (2, 2), "sign": (0, 0)}[self.kind]
+        if not counts[0] <= len(self.objects) <= counts[1]:
+            raise ValueError(f"kind {self.kind!r} needs {counts} objects, got {len(self.objects)}")
+
+
+# ---------------------------------------------------------------------------------------------------- construction
+def _fits(box: tuple[float, float, float, float], width: int, height: int, others) -> bool:
+    x0, y0, x1, y1 = box
+    if x0 < MARGIN or y0 < MARGIN or x1 > width - MARGIN or y1 > height - MARGIN:
+        return False
+    return all(x1 + MARGIN <= o[0] or o[2] + MARGIN <= x0 or y1 + MARGIN <= o[1] or o[3] + MARGIN <= y0
+               for o in others)
+
+
+def make_object(rng: random.Random, width: int, height: int, shape: str, colour: str, size: str,
+                position: str | None = None, avoid: tuple[SceneObject, ...] = (), tries: int = 100) -> SceneObject:
+    """Place one object; with `position` its centre lies well inside that grid cell (a 15% inset)."""
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {tuple(SIZES)}, got {size!r}")
+    extent = rng.uniform(*SIZES[size]) * min(width, height)
+    hw, hh = shape_half_extents(shape, extent)
+    xs, ys = (0.0, float(width)), (0.0, float(height))
+    if position is not None:
+        if position not in POSITIONS:
+            raise ValueError(f"position must be one of {POSITIONS}, got {position!r}")
+        row, col = divmod(POSITIONS.index(position), 3)
+        xs = (width * (col + 0.15) / 3, width * (col + 0.85) / 3)
+        ys = (height * (row + 0.15) / 3, height * (row + 0.85) / 3)
+    xs = (max(xs[0], hw + MARGIN), min(xs[1], width - hw - MARGIN))
+    ys = (max(ys[0], hh + MARGIN), min(ys[1], height - hh - MARGIN))
+    for _ in range(tries if xs[0] <= xs[1] and ys[0] <= ys[1] else 0):
+        x, y = rng.uniform(*xs), rng.uniform(*ys)
+        if _fits((x - hw, y - hh, x + hw, y + hh), width, height, [o.bbox for o in avoid]):
+            return SceneObject(shape, colour, size, (x, y), extent, position_of(x, y, width, height))
+    raise ValueError(f"cannot place a {size} {shape} at {position or 'any position'} in {width}x{height} "
+                     f"beside {len(avoid)} objects")
+
+
+def relation_of(a: SceneObject, b: SceneObject) -> str | None:
+    """The relation of a to b when one axis clearly dominates (offset >= 2x the other), else None."""
+    dx, dy = b.centre[0] - a.centre[0], b.centre[1] - a.centre[1]
+    if abs(dy) >= 2 * abs(dx):
+        return "above" if dy > 0 else "below"
+    if abs(dx) >= 2 * abs(dy):
+        return "left of" if dx > 0 else "right of"
+    return None
+
+
+def make_relation(rng: random.Random, width: int, height: int, a: tuple[str, str], b: tuple[str, str],
+                  relation: str, size: str = "small", tries: int = 200) -> tuple[SceneObject, SceneObject]:
+    """Two objects, `a` = (colour, shape) standing in `relation` to `b`, by rejection sampling."""
+    if relation not in RELATIONS:
+        raise ValueError(f"relation must be one of {RELATIONS}, got {relation!r}")
+    for _ in range(tries):
+        first = make_object(rng, width, height, a[1], a[0], size)
+        try:
+            second = make_object(rng, width, height, b[1], b[0], size, avoid=(first,), tries=5)
+        except ValueError:
+            continue
+        if relation_of(first, second) == relation:
+            return first, second
+    raise ValueError(f"cannot place {a} {relation} {b} at size {size!r} in {width}x{height}")
+
+
+def make_count(rng: random.Random, width: int, height: int, colour: str, shape: str, n: int,
+               size: str, tries: int = 50) -> tuple[SceneObject, ...]:
+    """`n` identical (colour, shape, size) objects that do not touch."""
+    if not 1 <= n <= 3:
+        raise ValueError(f"n must be 1..3, got {n}")
+    for _ in range(tries):
+        placed: tuple[SceneObject, ...] = ()
+        try:
+            for _ in range(n):
+                placed += (make_object(rng, width, height, shape, colour, size, avoid=placed, tries=20),)
+            return placed
+        except ValueError:
+            continue
+    raise ValueError(f"cannot place {n} {size} {shape}s in {width}x{height}")
+
+
+def make_sign(rng: random.Random, width: int, height: int, text: str, background: str,
+              board: tuple[str, str] | None = None) -> Sign:
+    """A board with `text` in letters sized to fill most of the frame width (readable by OCR at 96 px)."""
+    if not (2 <= len(text) <= 5 and all(ch in LETTERS for ch in text)):
+        raise ValueError(f"sign text must be 2-5 uppercase letters A-Z, got {text!r}")
+    choices = [bd for bd in BOARDS if contrasts(bd[0], background)]
+    board = board or rng.choice(choices)
+    if board not in choices:
+        raise ValueError(f"board {board} has too little contrast with background {background!r}")
+    short = min(width, height)
+    font_px = min(0.30 * short, 0.72 * width * font_px_per_width(text))
+    pad_x, pad_y = 0.35 * font_px, 0.3 * font_px
+    bw, bh = font_px / font_px_per_width(text) + 2 * pad_x, font_px + 2 * pad_y
+    bw, bh = min(bw, width - 2 * MARGIN), min(bh, height - 2 * MARGIN)
+    x = rng.uniform(MARGIN + bw / 2, width - MARGIN - bw / 2)
+    y = rng.uniform(max(MARGIN + bh / 2, 0.3 * height), min(height - MARGIN - bh / 2, 0.7 * height))
+    return Sign(text, board[0], board[1], (x - bw / 2, y - bh / 2, x + bw / 2, y + bh / 2), font_px)
+
+
+@lru_cache(maxsize=64)
+def _font(px: int) -> ImageFont.FreeTypeFont:
+    font = ImageFont.load_default(size=px)  # Pillow's built-in scalable font: identical on every machine
+    if not isinstance(font, ImageFont.FreeTypeFont):
+        raise RuntimeError("Pillow was built without FreeType; sign text needs ImageFont.load_default(size=...)")
+    return font
+
+
+def font_px_per_width(text: str) -> float:
+    """Font size per pixel of rendered text width (measured at 100 px, bold stroke included)."""
+    return 100.0 / (_font(100).getlength(text) + 2 * _stroke(100))
+
+
+def _stroke(px: int) -> int:
+    return max(1, round(0.06 * px))  # thickens the regular built-in face to a bold, OCR-friendly weight
+
+
+# ------------------------------------------------------------------------------------------------------- rendering
+@dataclass(frozen=True)
+class RenderResult:
+    image: np.ndarray  # (H, W, 3) uint8
+    masks: list[np.ndarray]  # one (H, W) bool per scene object, same order: pixels >= 50% covered
+    board_mask: np.ndarray | None = None  # (H, W) bool sign board (letters included), sign scenes only
+    text_mask: np.ndarray | None = None  # (H, W) bool sign letters
+
+    def edges(self) -> np.ndarray:
+        """(H, W) bool: pixels whose region label (background / object i / board / letters) differs from a
+        4-neighbour's."""
+        label = np.zeros(self.image.shape[:2], np.int32)  # (H, W)
+        layers = [*self.masks, *(m for m in (self.board_mask, self.text_mask) if m is not None)]
+        for i, mask in enumerate(layers, start=1):
+            label[mask] = i
+        edge = np.zeros_like(label, dtype=bool)
+        edge[:, 1:] |= label[:, 1:] != label[:, :-1]
+        edge[:, :-1] |= label[:, 1:] != label[:, :-1]
+        edge[1:, :] |= label[1:, :] != label[:-1, :]
+        edge[:-1, :] |= label[1:, :] != label[:-1, :]
+        return edge
+
+
+def _shape_points(shape: str, cx: float, cy: float, extent: float) -> list[tuple[float, float]]:
+    hw, hh = shape_half_extents(shape, extent)
+    if shape == "triangle":  # apex up
+        return [(cx, cy - hh), (cx + hw, cy + hh), (cx - hw, cy + hh)]
+    if shape == "star":  # 5 points, apex up; inner radius 0.45 R keeps the arms thick enough to survive blur
+        outer = hw / math.sin(2 * math.pi / 5)
+        top = cy - hh  # shift so the bbox (not the circumcentre) sits at the centre
+        pts = []
+        for k in range(10):
+            r, a = (outer, outer * 0.45)[k % 2], math.pi * k / 5
+            pts.append((cx + r * math.sin(a), top + outer - r * math.cos(a)))
+        return pts
+    return [(cx - hw, cy - hh), (cx + hw, cy - hh), (cx + hw, cy + hh), (cx - hw, cy + hh)]
+
+
+def _coverage(box: tuple[float, float, float, float], draw_fn, width: int, height: int):
+    """Anti-aliased coverage of what `draw_fn(draw, to_canvas)` paints inside `box`: (alpha (h, w) float32 in
+    [0, 1], x0, y0). Only the box is drawn (at SUPERSAMPLE x), which keeps rendering fast."""
+    x0, y0 = max(0, math.floor(box[0]) - 1), max(0, math.floor(box[1]) - 1)
+    x1, y1 = min(width, math.ceil(box[2]) + 1), min(height, math.ceil(box[3]) + 1)
+    s = SUPERSAMPLE
+    canvas = Image.new("L", ((x1 - x0) * s, (y1 - y0) * s), 0)
+
+    def to_canvas(x: float, y: float) -> tuple[float, float]:
+        return ((x - x0) * s, (y - y0) * s)
+
+    draw_fn(ImageDraw.Draw(canvas), to_canvas)
+    alpha = np.asarray(canvas.reduce(s), dtype=np.float32) / 255.0  # (h, w) box-filtered coverage
+    return alpha, x0, y0
+
+
+def _object_coverage(obj: SceneObject, width: int, height: int):
+    def draw_fn(draw, to_canvas):
+        if obj.shape == "circle":
+            x0, y0, x1, y1 = obj.bbox
+            draw.ellipse([*to_canvas(x0, y0), *to_canvas(x1, y1)], fill=255)
+        else:
+            draw.polygon([to_canvas(*p) for p in _shape_points(obj.shape, *obj.centre, obj.extent)], fill=255)
+    return _coverage(obj.bbox, draw_fn, width, height)
+
+
+def _text_coverage(sign: Sign, width: int, height: int):
+    px = round(sign.font_px * SUPERSAMPLE)
+    font, stroke = _font(px), _stroke(px)
+
+    def draw_fn(draw, to_canvas):
+        l, t, r, b = draw.textbbox((0, 0), sign.text, font=font, stroke_width=stroke)
+        cx, cy = to_canvas((sign.bbox[0] + sign.bbox[2]) / 2, (sign.bbox[1] + sign.bbox[3]) / 2)
+        draw.text((cx - (l + r) / 2, cy - (t + b) / 2), sign.text, font=font, fill=255, stroke_width=stroke,
+                  stroke_fill=255)
+    return _coverage(sign.bbox, draw_fn, width, height)
+
+
+def render(scene: Scene) -> RenderResult:
+    """Pixels and masks of a scene. Layers are alpha-composited from their anti-aliased coverage."""
+    image = np.empty((scene.height, scene.width, 3), np.float32)  # (H, W, 3)
+    image[:] = BACKGROUNDS[scene.background]
+    layers = [(_object_coverage(o, scene.width, scene.height), COLOURS[o.colour]) for o in scene.objects]
+    if scene.sign is not None:
+        board = scene.sign.bbox
+        layers.append((_coverage(board, lambda d, tc: d.rectangle([*tc(*board[:2]), *tc(*board[2:])], fill=255),
+                                 scene.width, scene.height), PALETTE[scene.sign.board]))
+        layers.append((_text_coverage(scene.sign, scene.width, scene.height), PALETTE[scene.sign.ink]))
+    masks = []
+    for (alpha, x0, y0), rgb in layers:
+        h, w = alpha.shape
+        region = image[y0:y0 + h, x0:x0 + w]  # (h, w, 3) view
+        region += (np.asarray(rgb, np.float32) - region) * alpha[..., None]
+        mask = np.zeros((scene.height, scene.width), bool)
+        mask[y0:y0 + h, x0:x0 + w] = alpha >= 0.5
+        masks.append(mask)
+    pixels = np.clip(np.rint(image), 0, 255).astype(np.uint8)
+    if scene.sign is None:
+        return RenderResult(pixels, masks)
+    return RenderResult(pixels, masks[:-2], board_mask=masks[-2], text_mask=masks[-1])

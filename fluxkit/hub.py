@@ -1,0 +1,179 @@
+"""Where models come from: the built-in tiny family, fluxkit folders, diffusers folders and Hugging Face repo ids.
+
+A fluxkit folder is `fluxkit.json` (the ModelSpec) + BFL-named safetensors for the transformer and the autoencoder:
+
+    fluxkit.json              {"format": "fluxkit", "spec": {...}, "transformer": "...", "ae": "..."}
+    transformer.safetensors   BFL keys (img_in, double_blocks.N..., final_layer...)
+    ae.safetensors            BFL autoencoder keys (may be shared between models: a relative path)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .devices import parse_dtype
+from .params import AutoEncoderParams, FluxParams, ModelSpec
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+BUILTIN = {"fluxkit-tiny-schnell": "tiny-schnell", "fluxkit-tiny-dev": "tiny-dev"}
+DEFAULT_MODEL = "fluxkit-tiny-schnell"
+DIFFUSERS_PATTERNS = ["model_index.json", "transformer/*", "vae/*", "text_encoder/*", "text_encoder_2/*",
+                      "tokenizer/*", "tokenizer_2/*", "scheduler/*"]
+
+
+def spec_to_dict(spec: ModelSpec) -> dict:
+    return dataclasses.asdict(spec)
+
+
+def spec_from_dict(d: dict) -> ModelSpec:
+    flux = FluxParams(**{**d["flux"], "axes_dim": tuple(d["flux"]["axes_dim"])})
+    ae = AutoEncoderParams(**{**d["ae"], "ch_mult": tuple(d["ae"]["ch_mult"])})
+    rest = {k: v for k, v in d.items() if k not in ("flux", "ae")}
+    rest["default_size"] = tuple(rest.get("default_size", (1024, 1024)))
+    return ModelSpec(flux=flux, ae=ae, **rest)
+
+
+def builtin_folder(name: str) -> Path | None:
+    key = BUILTIN.get(name) or (name if name in BUILTIN.values() else None)
+    return WEIGHTS_DIR / key if key else None
+
+
+def available_builtins() -> list[str]:
+    return [name for name, key in BUILTIN.items() if (WEIGHTS_DIR / key / "fluxkit.json").is_file()]
+
+
+def load_pipeline(cls, name_or_path, *, torch_dtype=None, device=None, transformer=None, vae=None,
+                  text_encoder=None, quantize: str | None = None):
+    """Build a pipeline from any supported source. `transformer` may be a module or a single-file path that stands
+    in for the source's own transformer (the base then supplies text encoders, autoencoder and scheduler)."""
+    from .devices import default_dtype
+
+    device = torch.device(device or "cpu")
+    dtype = parse_dtype(torch_dtype) or default_dtype(device)
+    folder = _locate(name_or_path)
+    if (folder / "fluxkit.json").is_file():
+        parts = _load_native(folder, dtype, transformer, vae, text_encoder)
+    elif (folder / "model_index.json").is_file():
+        parts = _load_diffusers(folder, dtype, transformer, vae, text_encoder)
+    else:
+        raise ValueError(f"{folder} is neither a fluxkit folder (fluxkit.json) nor a diffusers folder (model_index.json)")
+    model, ae, enc, spec, sched = parts
+    if quantize is not None:
+        from .quant import quantize_model
+
+        quantize_model(model, quantize)
+    pipe = cls(model, ae, enc, spec, sched)
+    return pipe.to(device=device, dtype=None)
+
+
+def _locate(name_or_path) -> Path:
+    name = str(name_or_path)
+    builtin = builtin_folder(name)
+    if builtin is not None:
+        if not (builtin / "fluxkit.json").is_file():
+            raise ValueError(f"built-in model {name!r} is not in this install ({builtin} is missing)")
+        return builtin
+    path = Path(name).expanduser()
+    if path.is_file():
+        raise ValueError(f"{path} is a single file; load it as the transformer of a base model: "
+                         f"FluxPipeline.from_pretrained(BASE, transformer={str(path)!r})")
+    if path.is_dir():
+        return path
+    if path.is_absolute() or name.startswith((".", "~")) or name.count("/") != 1:
+        raise ValueError(f"model {name!r} not found: not a built-in ({', '.join(BUILTIN)}), not a local folder, "
+                         "and not a Hugging Face repo id of the form org/name")
+    from .loading import resolve_model_source
+
+    return resolve_model_source(name, allow_patterns=DIFFUSERS_PATTERNS)
+
+
+def _transformer_override(transformer, base_params: FluxParams | None, dtype):
+    from .loading import load_flux_transformer
+
+    if isinstance(transformer, torch.nn.Module):
+        return transformer.to(dtype=dtype)
+    return load_flux_transformer(transformer, params=base_params, dtype=dtype)
+
+
+def _load_native(folder: Path, dtype, transformer, vae, text_encoder):
+    from .autoencoder import AutoEncoder
+    from .loading import load_flux_transformer, load_safetensors
+
+    meta = json.loads((folder / "fluxkit.json").read_text())
+    if meta.get("format") != "fluxkit":
+        raise ValueError(f"{folder / 'fluxkit.json'} is not a fluxkit model description")
+    spec = spec_from_dict(meta["spec"])
+    if transformer is not None:
+        model = _transformer_override(transformer, spec.flux, dtype)
+    else:
+        model = load_flux_transformer(folder / meta["transformer"], params=spec.flux, dtype=dtype)
+    if vae is None:
+        with torch.device("meta"):
+            vae = AutoEncoder(spec.ae)
+        vae.load_state_dict(load_safetensors(folder / meta["ae"]), strict=True, assign=True)
+        vae = vae.to(dtype)
+    enc = text_encoder or _text_encoder(spec.text_encoder, folder, dtype)
+    from .pipeline import SchedulerConfig
+
+    return model, vae, enc, spec, SchedulerConfig(use_dynamic_shifting=spec.shift_schedule)
+
+
+def _text_encoder(kind: str, folder: Path, dtype):
+    from .text import MiniLMEncoder, T5ClipEncoder
+
+    if kind == "minilm":
+        return MiniLMEncoder.from_package(dtype=dtype)
+    if kind == "t5-clip":
+        return T5ClipEncoder.from_folder(folder, dtype=dtype)
+    raise ValueError(f"unknown text encoder {kind!r} in {folder}")
+
+
+def _load_diffusers(folder: Path, dtype, transformer, vae, text_encoder):
+    from .loading import load_autoencoder, load_flux_transformer
+    from .pipeline import SchedulerConfig
+
+    if transformer is not None:
+        model = _transformer_override(transformer, None, dtype)
+    else:
+        model = load_flux_transformer(folder / "transformer", dtype=dtype)
+    ae = vae if vae is not None else load_autoencoder(folder / "vae", dtype=dtype)
+    enc = text_encoder or _text_encoder("t5-clip", folder, dtype)
+    sched_file = folder / "scheduler" / "scheduler_config.json"
+    sched = SchedulerConfig.from_diffusers(json.loads(sched_file.read_text())) if sched_file.is_file() \
+        else SchedulerConfig(use_dynamic_shifting=model.params.guidance_embed)
+    schnell_like = not sched.use_dynamic_shifting
+    spec = ModelSpec(name=folder.name, flux=model.params, ae=ae.params, text_encoder="t5-clip",
+                     max_sequence_length=512, shift_schedule=sched.use_dynamic_shifting,
+                     default_steps=4 if schnell_like else 28, default_guidance=0.0 if schnell_like else 3.5)
+    return model, ae, enc, spec, sched
+
+
+def save_native(folder: Path, transformer: torch.nn.Module, spec: ModelSpec, ae: torch.nn.Module | None = None,
+                ae_path: str = "ae.safetensors", dtype: torch.dtype = torch.bfloat16) -> None:
+    """Write a fluxkit folder. `ae=None` with a relative `ae_path` references an autoencoder shared with another model."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def write(path: Path, sd: dict) -> None:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        os.close(fd)
+        save_file({k: v.detach().to(dtype).contiguous().cpu() for k, v in sd.items()}, tmp)
+        os.replace(tmp, path)
+
+    write(folder / "transformer.safetensors", transformer.state_dict())
+    if ae is not None:
+        write(folder / ae_path, ae.state_dict())
+    meta = {"format": "fluxkit", "spec": spec_to_dict(spec), "transformer": "transformer.safetensors", "ae": ae_path}
+    tmp = folder / "fluxkit.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp, folder / "fluxkit.json")

@@ -1,0 +1,91 @@
+"""The FLUX.1 rectified-flow transformer. Module attribute names are the BFL checkpoint keys, so a checkpoint loads
+with `load_state_dict(assign=True)` after meta-device construction, no renaming."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .layers import DoubleStreamBlock, EmbedND, LastLayer, MLPEmbedder, SingleStreamBlock
+from .math import timestep_embedding
+from .params import FluxParams
+
+
+class Flux(nn.Module):
+    """velocity = Flux(packed noisy latents, text states, sigma, pooled text vector[, guidance])."""
+
+    def __init__(self, params: FluxParams):
+        super().__init__()
+        self.params = params
+        hidden = params.hidden_size
+        self.pe_embedder = EmbedND(theta=params.theta, axes_dim=params.axes_dim)
+        self.img_in = nn.Linear(params.in_channels, hidden, bias=True)
+        self.time_in = MLPEmbedder(in_dim=256, hidden_dim=hidden)
+        self.vector_in = MLPEmbedder(params.vec_in_dim, hidden)
+        self.guidance_in = MLPEmbedder(in_dim=256, hidden_dim=hidden) if params.guidance_embed else nn.Identity()
+        self.txt_in = nn.Linear(params.context_in_dim, hidden)
+        self.double_blocks = nn.ModuleList(
+            DoubleStreamBlock(hidden, params.num_heads, params.mlp_ratio, params.qkv_bias) for _ in range(params.depth)
+        )
+        self.single_blocks = nn.ModuleList(
+            SingleStreamBlock(hidden, params.num_heads, params.mlp_ratio) for _ in range(params.depth_single_blocks)
+        )
+        self.final_layer = LastLayer(hidden, params.out_channels)
+        self.gradient_checkpointing = False
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.img_in.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.img_in.weight.device
+
+    def conditioning_vector(self, timesteps: Tensor, y: Tensor, guidance: Tensor | None) -> Tensor:
+        """vec [B, hidden] = time_in(temb(t)) [+ guidance_in(temb(g))] + vector_in(y); feeds every adaLN."""
+        dtype = self.dtype
+        vec = self.time_in(timestep_embedding(timesteps.to(dtype), 256))
+        if self.params.guidance_embed:
+            if guidance is None:
+                raise ValueError("this model is guidance-distilled (dev-like): a guidance value is required")
+            vec = vec + self.guidance_in(timestep_embedding(guidance.to(dtype), 256))
+        return vec + self.vector_in(y.to(dtype))
+
+    def _run(self, block: nn.Module, *args):
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    def forward(
+        self,
+        img: Tensor,
+        img_ids: Tensor,
+        txt: Tensor,
+        txt_ids: Tensor,
+        timesteps: Tensor,
+        y: Tensor,
+        guidance: Tensor | None = None,
+        pe: Tensor | None = None,
+        attn_mask: Tensor | None = None,
+    ) -> Tensor:
+        """img [B, L_img, in_ch], txt [B, L_txt, ctx], ids [B, L, 3], timesteps/guidance [B] -> [B, L_img, out_ch].
+
+        `pe` may be passed precomputed (it depends only on the ids, which are fixed over a sampling run).
+        """
+        if img.ndim != 3 or txt.ndim != 3:
+            raise ValueError(f"img and txt must be [B, L, C]; got {tuple(img.shape)} and {tuple(txt.shape)}")
+        dtype = self.dtype
+        img = self.img_in(img.to(dtype))  # [B, L_img, hidden]
+        txt = self.txt_in(txt.to(dtype))  # [B, L_txt, hidden]
+        vec = self.conditioning_vector(timesteps, y, guidance)  # [B, hidden]
+        if pe is None:
+            pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))  # [B, 1, L, D/2, 2, 2]
+
+        for block in self.double_blocks:
+            img, txt = self._run(block, img, txt, vec, pe, attn_mask)
+        x = torch.cat((txt, img), dim=1)  # [B, L_txt + L_img, hidden]
+        for block in self.single_blocks:
+            x = self._run(block, x, vec, pe, attn_mask)
+        img = x[:, txt.shape[1] :]
+        return self.final_layer(img, vec)  # [B, L_img, out_ch]

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Set up fluxkit in ./.venv. Usage: scripts/setup.sh [--dev]
+#   --dev  also installs the test/benchmark extras (pytest, diffusers as the reference oracle, ruff, ...).
+# On a machine without an NVIDIA GPU this installs the CPU build of PyTorch first, so that pip never pulls the
+# multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="train,quant,control,serve"
+[[ "${1:-}" == "--dev" ]] && extras="$extras,test"
+
+PY=${PYTHON:-python3}
+"$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "fluxkit needs Python >= 3.11" >&2; exit 2; }
+[[ -x .venv/bin/python ]] || "$PY" -m venv .venv
+pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
+
+if ! .venv/bin/python -c 'import torch' 2>/dev/null; then
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+        "${pip[@]}" torch
+    elif "${pip[@]}" --no-index torch==2.13.0 2>/dev/null; then
+        :  # a CPU wheel provided locally (find-links), as on this project's build machines
+    else
+        "${pip[@]}" torch --index-url https://download.pytorch.org/whl/cpu
+    fi
+fi
+"${pip[@]}" -e ".[$extras]"
+
+# Real OCR for `fluxkit eval` (sign text). Installed when we may; otherwise eval says how to get it.
+if ! command -v tesseract >/dev/null 2>&1; then
+    if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+        (apt-get update -qq && apt-get install -y -qq tesseract-ocr >/dev/null) || echo "warning: could not install tesseract-ocr" >&2
+    else
+        echo "note: install tesseract-ocr (e.g. 'sudo apt-get install tesseract-ocr') for fluxkit eval's sign OCR" >&2
+    fi
+fi
+echo "fluxkit is set up in .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"
