@@ -179,8 +179,9 @@ def sample_gaussian(mean: Tensor, logvar: Tensor, generator: Generator = None) -
             raise ValueError(f"generator on {first.device} cannot draw noise for latents on {mean.device}")
         rand_device = torch.device("cpu")
     if isinstance(generator, list):
-        draws = [torch.randn((1, *mean.shape[1:]), generator=g, device=rand_device, dtype=mean.dtype) for g in generator]
-        eps = torch.cat(draws).to(mean.device)  # [B, z, h, w]
+        shape = (1, *mean.shape[1:])
+        eps = torch.cat([torch.randn(shape, generator=g, device=rand_device, dtype=mean.dtype) for g in generator])
+        eps = eps.to(mean.device)  # [B, z, h, w]
     else:
         eps = torch.randn(mean.shape, generator=generator, device=rand_device, dtype=mean.dtype).to(mean.device)
     return mean + torch.exp(0.5 * logvar) * eps

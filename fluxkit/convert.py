@@ -51,7 +51,9 @@ def check_state_dict(sd: Mapping[str, Tensor], expected: Shapes, what: str) -> N
     unexpected = sorted(k for k in sd if k not in expected)
     missing = sorted(k for k in expected if k not in sd)
     wrong = sorted(
-        f"{k} {tuple(sd[k].shape)} (expected {expected[k]})" for k in expected if k in sd and tuple(sd[k].shape) != expected[k]
+        f"{k} {tuple(sd[k].shape)} (expected {shape})"
+        for k, shape in expected.items()
+        if k in sd and tuple(sd[k].shape) != shape
     )
     problems = [
         f"{len(names)} {label}: {_listing(names)}"
@@ -68,7 +70,8 @@ def strip_prefix(sd: Mapping[str, Tensor]) -> StateDict:
         if any(k.startswith(prefix) for k in sd):
             others = sorted(k for k in sd if not k.startswith(prefix))
             if others:  # e.g. an all-in-one file that also holds a VAE and text encoders
-                raise ValueError(f"{len(others)} keys lack the {prefix!r} prefix the other keys carry: {_listing(others)}")
+                raise ValueError(f"{len(others)} keys lack the {prefix!r} prefix the other keys carry: "
+                                 f"{_listing(others)}")
             return {k[len(prefix) :]: v for k, v in sd.items()}
     return dict(sd)
 

@@ -94,14 +94,15 @@ class ModelSpec:
 FLUX_DEV = FluxParams()
 FLUX_SCHNELL = replace(FLUX_DEV, guidance_embed=False)
 
-# The tiny family trained in this repo: the real architecture, scaled down. The text side is MiniLM-L6 (384 wide).
+# The tiny family trained in this repo: the real architecture, scaled down (~13.5M parameters, so two transformers and
+# the autoencoder ship in < 64 MB at bf16). The text side is MiniLM-L6 (384 wide); captions fit in 32 tokens.
 TINY_FLUX = FluxParams(
     vec_in_dim=384,
     context_in_dim=384,
     hidden_size=256,
     num_heads=4,
-    depth=4,
-    depth_single_blocks=8,
+    depth=3,
+    depth_single_blocks=6,
     axes_dim=(8, 28, 28),
 )
 TINY_AE = AutoEncoderParams(ch=32, ch_mult=(1, 2, 4, 4), num_res_blocks=1, norm_groups=8,
@@ -126,12 +127,12 @@ PRESETS: dict[str, ModelSpec] = {
                                 default_guidance=10.0),
     "flux-kontext-dev": ModelSpec("flux-kontext-dev", FLUX_DEV, default_steps=28, default_guidance=2.5),
     "tiny-base": ModelSpec("tiny-base", replace(TINY_FLUX, guidance_embed=False), TINY_AE, "minilm",
-                           max_sequence_length=64, default_steps=28, default_guidance=0.0,
+                           max_sequence_length=32, default_steps=28, default_guidance=0.0,
                            default_size=(128, 128)),
-    "tiny-dev": ModelSpec("tiny-dev", TINY_FLUX, TINY_AE, "minilm", max_sequence_length=64,
+    "tiny-dev": ModelSpec("tiny-dev", TINY_FLUX, TINY_AE, "minilm", max_sequence_length=32,
                           default_steps=20, default_guidance=3.5, default_size=(128, 128)),
     "tiny-schnell": ModelSpec("tiny-schnell", replace(TINY_FLUX, guidance_embed=False), TINY_AE, "minilm",
-                              max_sequence_length=64, shift_schedule=False, default_steps=4,
+                              max_sequence_length=32, shift_schedule=False, default_steps=4,
                               default_guidance=0.0, default_size=(128, 128)),
     "test-dev": ModelSpec("test-dev", TEST_FLUX, TEST_AE, "test", max_sequence_length=16, default_size=(32, 32)),
     "test-schnell": ModelSpec("test-schnell", replace(TEST_FLUX, guidance_embed=False), TEST_AE, "test",

@@ -255,8 +255,8 @@ class FluxPipeline:
     @torch.inference_mode()
     def decode(self, z: Tensor, output_type: str = "pil"):
         """Unpacked latents [B, 16, h, w] -> images in [0, 1] as PIL / numpy [B, H, W, 3] / tensor [B, 3, H, W]."""
-        vae = self.vae
-        x = vae.decode(z.to(vae.device, next(vae.parameters()).dtype))
+        weight = next(self.vae.parameters())
+        x = self.vae.decode(z.to(weight.device, weight.dtype))
         x = (x.float() / 2 + 0.5).clamp(0, 1)  # [B, 3, H, W]
         if output_type == "pt":
             return x

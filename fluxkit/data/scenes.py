@@ -16,6 +16,8 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from fluxkit.data.captions import caption, move_instruction, recolor_instruction, remove_instruction
+
 # Object colours: far apart in RGB so nearest-colour segmentation separates them (pairwise distance >= 110).
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 70, 220), "yellow": (250, 220, 20),
@@ -154,11 +156,13 @@ def _fits(box: tuple[float, float, float, float], width: int, height: int, other
 
 
 def make_object(rng: random.Random, width: int, height: int, shape: str, colour: str, size: str,
-                position: str | None = None, avoid: tuple[SceneObject, ...] = (), tries: int = 100) -> SceneObject:
-    """Place one object; with `position` its centre lies well inside that grid cell (a 15% inset)."""
+                position: str | None = None, avoid: tuple[SceneObject, ...] = (), tries: int = 100,
+                extent: float | None = None) -> SceneObject:
+    """Place one object; with `position` its centre lies well inside that grid cell (a 15% inset). `extent`
+    (pixels) keeps a given object's exact size, e.g. when moving it."""
     if size not in SIZES:
         raise ValueError(f"size must be one of {tuple(SIZES)}, got {size!r}")
-    extent = rng.uniform(*SIZES[size]) * min(width, height)
+    extent = rng.uniform(*SIZES[size]) * min(width, height) if extent is None else extent
     hw, hh = shape_half_extents(shape, extent)
     xs, ys = (0.0, float(width)), (0.0, float(height))
     if position is not None:
@@ -353,3 +357,136 @@ def render(scene: Scene) -> RenderResult:
     if scene.sign is None:
         return RenderResult(pixels, masks)
     return RenderResult(pixels, masks[:-2], board_mask=masks[-2], text_mask=masks[-1])
+
+
+# -------------------------------------------------------------------------------------------------------- sampling
+def _optional(rng: random.Random, kind: str, odds: dict[str, float]) -> frozenset[str]:
+    required, optional = STATABLE[kind]
+    return frozenset(required | {a for a in sorted(optional) if rng.random() < odds[a]})
+
+
+def sample_scene(rng: random.Random, width: int, height: int, kinds: tuple[str, ...] = KINDS,
+                 pairs: str = "train") -> Scene:
+    """A random scene. `pairs="train"` never draws a HELD_OUT_PAIRS (colour, shape); "held_out" draws only them."""
+    if not isinstance(rng, random.Random):
+        raise ValueError(f"rng must be a random.Random, got {type(rng).__name__}")
+    if not kinds or any(k not in KINDS for k in kinds):
+        raise ValueError(f"kinds must be a non-empty subset of {KINDS}, got {kinds!r}")
+    if pairs == "held_out" and "sign" in kinds:
+        raise ValueError("pairs='held_out' applies to object scenes; remove 'sign' from kinds")
+    kind = rng.choice(kinds)
+    background = rng.choice(tuple(BACKGROUNDS))
+    stated = _optional(rng, kind, {"size": 0.6, "position": 0.7, "background": 0.5})
+    if kind == "sign":
+        text = rng.choice(WORDS) if rng.random() < 0.6 else "".join(rng.choices(LETTERS, k=rng.randint(2, 5)))
+        return Scene(kind, width, height, background, stated, sign=make_sign(rng, width, height, text, background))
+    choices = allowed_pairs(pairs, background)
+    colour, shape = rng.choice(choices)
+    size = rng.choice(tuple(SIZES))
+    if kind == "single":
+        obj = make_object(rng, width, height, shape, colour, size, rng.choice(POSITIONS))
+        return Scene(kind, width, height, background, stated, (obj,))
+    if kind == "count":
+        n = rng.randint(1, 3)
+        objects = make_count(rng, width, height, colour, shape, n, "small" if n == 3 else size)
+        return Scene(kind, width, height, background, stated, objects)
+    other = rng.choice([p for p in choices if p[0] != colour])
+    relation = rng.choice(RELATIONS)
+    try:
+        objects = make_relation(rng, width, height, (colour, shape), other, relation, size)
+    except ValueError:  # two large objects may not fit side by side in a narrow frame
+        objects = make_relation(rng, width, height, (colour, shape), other, relation, "small")
+    return Scene(kind, width, height, background, stated, objects, relation)
+
+
+# ----------------------------------------------------------------------------------------------------------- edits
+def _edit_target(scene: Scene, rng: random.Random, index: int | None) -> int:
+    if not scene.objects:
+        raise ValueError(f"a {scene.kind!r} scene has no objects to edit")
+    if index is None:
+        return rng.randrange(len(scene.objects))
+    if not 0 <= index < len(scene.objects):
+        raise ValueError(f"index {index} out of range for {len(scene.objects)} objects")
+    return index
+
+
+def edit_recolor(scene: Scene, rng: random.Random, index: int | None = None, colour: str | None = None,
+                 pairs: str = "train") -> tuple[Scene, str]:
+    """Give one object a new colour (in a count scene all of them: they stay identical)."""
+    i = _edit_target(scene, rng, index)
+    old = scene.objects[i]
+    allowed = [c for c, s in allowed_pairs(pairs, scene.background) if s == old.shape and c != old.colour]
+    colour = rng.choice(allowed) if colour is None else colour
+    if colour not in allowed:
+        raise ValueError(f"colour {colour!r} not allowed for a {old.shape} on {scene.background!r} here: {allowed}")
+    targets = range(len(scene.objects)) if scene.kind == "count" else (i,)
+    objects = tuple(replace(o, colour=colour) if j in targets else o for j, o in enumerate(scene.objects))
+    return replace(scene, objects=objects), recolor_instruction(scene, i, colour, rng)
+
+
+def edit_remove(scene: Scene, rng: random.Random, index: int | None = None) -> tuple[Scene, str]:
+    """Remove one object. Needs two or more objects: a relation scene becomes a single-object scene."""
+    i = _edit_target(scene, rng, index)
+    if len(scene.objects) < 2:
+        raise ValueError(f"edit_remove needs at least 2 objects, the scene has {len(scene.objects)}")
+    objects = scene.objects[:i] + scene.objects[i + 1:]
+    new = replace(scene, objects=objects)
+    if scene.kind == "relation":
+        stated = frozenset({"colour", "shape"} | (scene.stated & {"background"}))
+        new = replace(scene, kind="single", objects=objects, relation=None, stated=stated)
+    return new, remove_instruction(scene, i, rng)
+
+
+def edit_move(scene: Scene, rng: random.Random, index: int | None = None,
+              position: str | None = None) -> tuple[Scene, str]:
+    """Move one object, unchanged in size, to another grid cell (keeping a relation scene's relation clear)."""
+    i = _edit_target(scene, rng, index)
+    old, others = scene.objects[i], scene.objects[:i] + scene.objects[i + 1:]
+    targets = [p for p in POSITIONS if p != old.position] if position is None else [position]
+    rng.shuffle(targets)
+    for target in targets:
+        try:
+            moved = make_object(rng, scene.width, scene.height, old.shape, old.colour, old.size, target,
+                                avoid=others, extent=old.extent)
+        except ValueError:
+            continue
+        objects = scene.objects[:i] + (moved,) + scene.objects[i + 1:]
+        relation = relation_of(*objects) if scene.kind == "relation" else None
+        if scene.kind != "relation" or relation is not None:
+            return replace(scene, objects=objects, relation=relation), move_instruction(scene, i, target, rng)
+    raise ValueError(f"cannot move object {i} ({old.colour} {old.shape}) to any of {targets}")
+
+
+# --------------------------------------------------------------------------------------------------------- dataset
+@dataclass(frozen=True)
+class Sample:
+    image: np.ndarray  # (H, W, 3) uint8
+    caption: str
+    scene: Scene
+    masks: list[np.ndarray]
+
+
+class SceneDataset:
+    """Deterministic indexable source: item i depends only on (seed, i), never on access order."""
+
+    def __init__(self, seed: int, n: int, sizes: tuple[tuple[int, int], ...] = IMAGE_SIZES,
+                 kinds: tuple[str, ...] = KINDS, pairs: str = "train"):
+        if n <= 0:
+            raise ValueError(f"n must be positive, got {n}")
+        for w, h in sizes:
+            if w % 16 or h % 16 or w <= 0 or h <= 0:
+                raise ValueError(f"sizes must be (width, height) positive multiples of 16, got {(w, h)}")
+        allowed_pairs(pairs, "white")  # validates `pairs`
+        self.seed, self.n, self.sizes, self.kinds, self.pairs = seed, n, tuple(sizes), tuple(kinds), pairs
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Sample:
+        if not 0 <= i < self.n:
+            raise IndexError(f"index {i} out of range for SceneDataset of length {self.n}")
+        rng = random.Random(f"fluxkit-scenes/{self.seed}/{i}")  # str seeds hash with sha512: stable across runs
+        width, height = rng.choice(self.sizes)
+        scene = sample_scene(rng, width, height, self.kinds, self.pairs)
+        result = render(scene)
+        return Sample(result.image, caption(scene, rng), scene, result.masks)

@@ -1,0 +1,203 @@
+"""`fluxkit generate`: prompts in, images (with their parameters embedded) out."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import secrets
+import sys
+from pathlib import Path
+
+ASPECT_RATIOS = ("1:1", "16:9", "9:16", "4:3", "3:4", "3:2", "2:3", "21:9", "9:21")
+# Parameters stored in each image and restored by --from-image (CLI dest names).
+REPLAYED = ("model", "transformer", "negative_prompt", "width", "height", "steps", "guidance", "true_cfg", "dtype")
+
+
+def add_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompts", nargs="*", metavar="PROMPT", help="one or more prompts")
+    p.add_argument("--prompt-file", type=Path, help="a text file with one prompt per line")
+    p.add_argument("--from-image", type=Path, help="regenerate an image made by fluxkit from its embedded parameters")
+    p.add_argument("--model", help="built-in name, local folder or Hugging Face repo id (default: fluxkit-tiny-schnell)")
+    p.add_argument("--transformer", help="a single-file transformer (BFL safetensors) replacing the model's own")
+    p.add_argument("--negative-prompt", help="negative prompt (used with --true-cfg > 1)")
+    p.add_argument("--width", type=int)
+    p.add_argument("--height", type=int)
+    p.add_argument("--aspect-ratio", choices=ASPECT_RATIOS, help="instead of --width/--height")
+    p.add_argument("--megapixels", type=float, help="image area for --aspect-ratio (default: the model's default area)")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
+    p.add_argument("--guidance", help="distilled guidance; 'A:B' ramps linearly from A to B over the steps")
+    p.add_argument("--true-cfg", type=float, help="true classifier-free guidance scale (> 1 enables; default 1)")
+    p.add_argument("--seed", type=int, nargs="+", help="one image per seed (default: random)")
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt (seeds count up from --seed)")
+    p.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
+    p.add_argument("--output", "-o", help="file name or pattern with {index}, {seed}, {prompt} (default: "
+                   "outputs/{prompt}-{seed}.{format})")
+    p.add_argument("--format", choices=("png", "jpg", "webp"), help="image format (default: from --output, else png)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+    p.add_argument("--dtype", help="auto, bf16, fp16, fp32 (auto: bf16 where the device is fast at it)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.set_defaults(run=run)
+
+
+def _size(args, default: tuple[int, int]) -> tuple[int, int]:
+    """(height, width) from --width/--height or --aspect-ratio/--megapixels, each a multiple of 16."""
+    if args.aspect_ratio:
+        if args.width or args.height:
+            raise ValueError("give either --aspect-ratio or --width/--height, not both")
+        a, b = (int(v) for v in args.aspect_ratio.split(":"))
+        area = (args.megapixels * 1e6) if args.megapixels else default[0] * default[1]
+        if area <= 0:
+            raise ValueError(f"--megapixels must be positive, got {args.megapixels}")
+        width = max(16, round((area * a / b) ** 0.5 / 16) * 16)
+        height = max(16, round((area * b / a) ** 0.5 / 16) * 16)
+        return height, width
+    if args.megapixels:
+        raise ValueError("--megapixels needs --aspect-ratio")
+    return args.height or default[0], args.width or default[1]
+
+
+def _guidance(text: str | None, steps: int) -> float | list[float] | None:
+    if text is None:
+        return None
+    try:
+        if ":" in str(text):
+            a, b = (float(v) for v in str(text).split(":"))
+            return [a + (b - a) * i / max(steps - 1, 1) for i in range(steps)]
+        return float(text)
+    except ValueError:
+        raise ValueError(f"--guidance must be a number or 'A:B', got {text!r}") from None
+
+
+def _prompts(args) -> list[str]:
+    prompts = list(args.prompts)
+    if args.prompt_file:
+        if not args.prompt_file.is_file():
+            raise ValueError(f"--prompt-file {args.prompt_file} does not exist")
+        prompts += [ln.strip() for ln in args.prompt_file.read_text().splitlines() if ln.strip()]
+    if not prompts:
+        raise ValueError("no prompt given: pass PROMPT arguments, --prompt-file or --from-image")
+    return prompts
+
+
+def _apply_replay(args) -> None:
+    from .imageio import read_params
+
+    saved = read_params(args.from_image)
+    for key in REPLAYED:  # flags given on the command line win over the saved values
+        if getattr(args, key) is None and saved.get(key) is not None:
+            setattr(args, key, saved[key])
+    if not args.prompts and not args.prompt_file:
+        args.prompts = [saved["prompt"]]
+    if args.seed is None and saved.get("seed") is not None:
+        args.seed = [saved["seed"]]
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "image"
+
+
+def _output_paths(args, jobs: list[tuple[str, int]], fmt: str) -> list[Path]:
+    pattern = args.output or f"outputs/{{prompt}}-{{seed}}.{fmt}"
+    if len(jobs) > 1 and not any(k in pattern for k in ("{index", "{seed", "{prompt")):
+        raise ValueError(f"--output {pattern!r} names one file but {len(jobs)} images are generated; "
+                         "use a pattern with {index}, {seed} or {prompt}")
+    try:
+        paths = [Path(pattern.format(index=i, seed=s, prompt=_slug(p))) for i, (p, s) in enumerate(jobs)]
+    except (KeyError, IndexError, ValueError) as e:
+        raise ValueError(f"bad --output pattern {pattern!r}: {e}") from None
+    if len(set(paths)) != len(paths):
+        raise ValueError(f"--output pattern {pattern!r} gives the same file name to several images")
+    return paths
+
+
+def run(args) -> int:
+    import torch
+
+    from .devices import default_device, parse_dtype
+
+    if args.from_image:
+        _apply_replay(args)
+    prompts = _prompts(args)
+    if args.num_images < 1 or args.batch_size < 1:
+        raise ValueError("--num-images and --batch-size must be >= 1")
+    if args.seed is not None and len(args.seed) > 1 and args.num_images != 1:
+        raise ValueError("give either several --seed values or --num-images, not both")
+    seeds = args.seed if args.seed and len(args.seed) > 1 else \
+        [(args.seed[0] if args.seed else secrets.randbelow(2**31)) + k for k in range(args.num_images)]
+    jobs = [(p, s) for p in prompts for s in seeds]
+    fmt = args.format or (Path(args.output).suffix.lstrip(".").lower() if args.output else "") or "png"
+    paths = _output_paths(args, jobs, fmt)
+
+    pipe, model_name = _load(args, default_device() if args.device == "auto" else torch.device(args.device),
+                             None if args.dtype in (None, "auto") else parse_dtype(args.dtype))
+    height, width = _size(args, pipe.spec.default_size)
+    steps = args.steps or pipe.spec.default_steps
+    guidance = _guidance(args.guidance, steps)
+    from .imageio import save_image
+
+    bar = None if args.quiet else _progress(len(jobs) * steps)
+    for start in range(0, len(jobs), args.batch_size):
+        chunk = jobs[start : start + args.batch_size]
+        gens = [torch.Generator("cpu").manual_seed(s) for _, s in chunk]
+        out = pipe([p for p, _ in chunk], height=height, width=width, num_inference_steps=steps,
+                   guidance_scale=guidance, true_cfg_scale=args.true_cfg or 1.0, negative_prompt=args.negative_prompt,
+                   generator=gens, callback_on_step_end=bar)
+        for (prompt, seed), image, path in zip(chunk, out.images, paths[start : start + len(chunk)]):
+            params = {"prompt": prompt, "seed": seed, "model": model_name, "transformer": args.transformer,
+                      "negative_prompt": args.negative_prompt, "width": width, "height": height, "steps": steps,
+                      "guidance": args.guidance, "true_cfg": args.true_cfg or 1.0, "dtype": str(pipe.dtype).split(".")[-1],
+                      "fluxkit": _version()}
+            save_image(image, path, params, fmt)
+            if not args.quiet:
+                print(path, file=sys.stderr if bar else sys.stdout)
+    if bar is not None:
+        bar.close()
+        for path in paths:
+            print(path)
+    return 0
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _load(args, device, dtype):
+    from .hub import DEFAULT_MODEL, available_builtins
+    from .pipeline import FluxPipeline
+
+    name = args.model
+    if name is None:
+        if DEFAULT_MODEL not in available_builtins():
+            raise ValueError("no built-in model in this install; pass --model with a local folder, a diffusers "
+                             "folder or a Hugging Face repo id (e.g. black-forest-labs/FLUX.1-schnell)")
+        name = DEFAULT_MODEL
+    if args.quiet:
+        _silence_loading()
+    return FluxPipeline.from_pretrained(name, torch_dtype=dtype, device=device, transformer=args.transformer), name
+
+
+def _silence_loading() -> None:
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+class _progress:
+    """A tqdm bar on stderr fed by callback_on_step_end."""
+
+    def __init__(self, total: int):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, unit="step", file=sys.stderr, dynamic_ncols=True)
+
+    def __call__(self, pipe, i, t, kwargs):
+        self.bar.update(1)
+        return kwargs
+
+    def close(self) -> None:
+        self.bar.close()

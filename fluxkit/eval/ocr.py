@@ -1,0 +1,77 @@
+"""Sign text reading with the real tesseract OCR binary (Debian package `tesseract-ocr`), called as a subprocess."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+
+import numpy as np
+from PIL import Image
+
+UPPERCASE = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+class OcrUnavailableError(RuntimeError):
+    """The tesseract binary is not installed."""
+
+
+def tesseract_binary() -> str:
+    path = shutil.which("tesseract")
+    if path is None:
+        raise OcrUnavailableError("the `tesseract` binary was not found on PATH; sign checks need real OCR: "
+                                  "run `apt-get install tesseract-ocr` (Debian/Ubuntu)")
+    return path
+
+
+def prepare_crop(crop: np.ndarray, scale: int = 4, pad: int = 24) -> Image.Image:
+    """Grayscale, dark-on-light, upscaled crop with a light margin: what tesseract reads best.
+
+    crop: (h, w, 3) uint8 region holding one line of text on a board.
+    """
+    if crop.ndim != 3 or crop.shape[2] != 3 or crop.shape[0] < 2 or crop.shape[1] < 2:
+        raise ValueError(f"crop must be (h, w, 3) with h, w >= 2, got shape {crop.shape}")
+    gray = crop.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)  # (h, w) luma
+    lo, hi = np.percentile(gray, 2), np.percentile(gray, 98)
+    gray = np.clip((gray - lo) / max(hi - lo, 1.0), 0.0, 1.0)  # (h, w) stretched to [0, 1]
+    if np.median(gray) < 0.5:  # the board (most of the crop) is dark: invert so letters are dark
+        gray = 1.0 - gray
+    image = Image.fromarray(np.rint(gray * 255).astype(np.uint8), "L")
+    image = image.resize((image.width * scale, image.height * scale), Image.Resampling.BICUBIC)
+    padded = Image.new("L", (image.width + 2 * pad, image.height + 2 * pad), 255)
+    padded.paste(image, (pad, pad))
+    return padded
+
+
+def read_line(crop: np.ndarray, whitelist: str = UPPERCASE, timeout_s: float = 30.0) -> str:
+    """Text of a single line (tesseract `--psm 7`), restricted to `whitelist`, spaces removed."""
+    buffer = io.BytesIO()
+    prepare_crop(crop).save(buffer, format="PNG")
+    # One OpenMP thread: evaluation runs many small OCR calls, threads only add contention.
+    env = {**os.environ, "OMP_THREAD_LIMIT": "1"}
+    command = [tesseract_binary(), "stdin", "stdout", "--psm", "7", "-l", "eng",
+               "-c", f"tessedit_char_whitelist={whitelist}"]
+    done = subprocess.run(command, input=buffer.getvalue(), capture_output=True, timeout=timeout_s, env=env,
+                          check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"tesseract failed (exit {done.returncode}): {done.stderr.decode(errors='replace')}")
+    return "".join(ch for ch in done.stdout.decode(errors="replace") if ch in whitelist)
+
+
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance (insertions, deletions, substitutions each cost 1)."""
+    previous = list(range(len(b) + 1))
+    for i, ca in enumerate(a, start=1):
+        current = [i]
+        for j, cb in enumerate(b, start=1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
+        previous = current
+    return previous[-1]
+
+
+def char_accuracy(expected: str, read: str) -> float:
+    """1 - edit distance / len(expected), floored at 0: 1.0 is an exact read."""
+    if not expected:
+        raise ValueError("expected text must be non-empty")
+    return max(0.0, 1.0 - edit_distance(expected, read) / len(expected))
