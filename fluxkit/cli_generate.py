@@ -42,8 +42,6 @@ def add_parser(p: argparse.ArgumentParser) -> None:
 def _size(args, default: tuple[int, int]) -> tuple[int, int]:
     """(height, width) from --width/--height or --aspect-ratio/--megapixels, each a multiple of 16."""
     if args.aspect_ratio:
-        if args.width or args.height:
-            raise ValueError("give either --aspect-ratio or --width/--height, not both")
         a, b = (int(v) for v in args.aspect_ratio.split(":"))
         area = (args.megapixels * 1e6) if args.megapixels else default[0] * default[1]
         if area <= 0:
@@ -51,8 +49,6 @@ def _size(args, default: tuple[int, int]) -> tuple[int, int]:
         width = max(16, round((area * a / b) ** 0.5 / 16) * 16)
         height = max(16, round((area * b / a) ** 0.5 / 16) * 16)
         return height, width
-    if args.megapixels:
-        raise ValueError("--megapixels needs --aspect-ratio")
     return args.height or default[0], args.width or default[1]
 
 
@@ -118,6 +114,10 @@ def run(args) -> int:
     if args.from_image:
         _apply_replay(args)
     prompts = _prompts(args)
+    if args.aspect_ratio and (args.width or args.height):
+        raise ValueError("give either --aspect-ratio or --width/--height, not both")
+    if args.megapixels and not args.aspect_ratio:
+        raise ValueError("--megapixels needs --aspect-ratio")
     if args.num_images < 1 or args.batch_size < 1:
         raise ValueError("--num-images and --batch-size must be >= 1")
     if args.seed is not None and len(args.seed) > 1 and args.num_images != 1:

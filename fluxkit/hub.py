@@ -105,8 +105,7 @@ def _transformer_override(transformer, base_params: FluxParams | None, dtype):
 
 
 def _load_native(folder: Path, dtype, transformer, vae, text_encoder):
-    from .autoencoder import AutoEncoder
-    from .loading import load_flux_transformer, load_safetensors
+    from .loading import load_autoencoder, load_flux_transformer
 
     meta = json.loads((folder / "fluxkit.json").read_text())
     if meta.get("format") != "fluxkit":
@@ -117,10 +116,7 @@ def _load_native(folder: Path, dtype, transformer, vae, text_encoder):
     else:
         model = load_flux_transformer(folder / meta["transformer"], params=spec.flux, dtype=dtype)
     if vae is None:
-        with torch.device("meta"):
-            vae = AutoEncoder(spec.ae)
-        vae.load_state_dict(load_safetensors(folder / meta["ae"]), strict=True, assign=True)
-        vae = vae.to(dtype)
+        vae = load_autoencoder(folder / meta["ae"], params=spec.ae, dtype=dtype)
     enc = text_encoder or _text_encoder(spec.text_encoder, folder, dtype)
     from .pipeline import SchedulerConfig
 

@@ -169,7 +169,8 @@ def test_saved_diffusers_folder_loads_in_diffusers(tmp_path, sharded_folder, dif
 
     model = load_flux_transformer(sharded_folder)
     save_diffusers_transformer(model, tmp_path / "out")
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == ["config.json", "diffusion_pytorch_model.safetensors"]
     reloaded = FluxTransformer2DModel.from_pretrained(tmp_path / "out").eval()
     assert_same_state(reloaded.state_dict(), diffusers_dev.state_dict())
 

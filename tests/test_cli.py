@@ -1,0 +1,73 @@
+"""The command line: generation end to end on a tiny diffusers folder, metadata replay, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fluxkit.cli import main
+from fluxkit.imageio import read_params
+
+
+def test_generate_writes_images_with_parameters_and_replays(tiny_dev_folder, tmp_path, capsys):
+    out = tmp_path / "img-{seed}.png"
+    code = main(["generate", "a red circle", "--model", str(tiny_dev_folder), "--width", "48", "--height", "32",
+                 "--steps", "2", "--guidance", "4.0", "--seed", "5", "6", "--output", str(out), "--quiet",
+                 "--dtype", "fp32"])
+    assert code == 0
+    first = tmp_path / "img-5.png"
+    assert first.is_file() and (tmp_path / "img-6.png").is_file()
+    params = read_params(first)
+    assert params["prompt"] == "a red circle" and params["seed"] == 5 and params["steps"] == 2
+    assert Image.open(first).size == (48, 32)
+
+    replay = tmp_path / "replay.png"
+    assert main(["generate", "--from-image", str(first), "--output", str(replay), "--quiet"]) == 0
+    assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(replay)))
+    assert np.abs(np.asarray(Image.open(first), float) - np.asarray(Image.open(tmp_path / "img-6.png"), float)).max() > 0
+
+
+def test_aspect_ratio_and_jpeg_metadata(tiny_dev_folder, tmp_path):
+    out = tmp_path / "wide.jpg"
+    assert main(["generate", "a blue square", "--model", str(tiny_dev_folder), "--aspect-ratio", "16:9",
+                 "--megapixels", "0.004", "--steps", "1", "--seed", "1", "-o", str(out), "-q"]) == 0
+    w, h = Image.open(out).size
+    assert w % 16 == 0 and h % 16 == 0 and w > h
+    assert read_params(out)["prompt"] == "a blue square"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate"], "no prompt given"),
+    (["generate", "x", "--model", "/nonexistent/folder/model"], "not found"),
+    (["generate", "x", "--aspect-ratio", "16:9", "--width", "64"], "either --aspect-ratio"),
+    (["generate", "x", "y", "--output", "one.png", "--model", "/x"], "names one file"),
+])
+def test_bad_input_is_one_line_and_status_2(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and "Traceback" not in err[0]
+
+
+def test_every_help_works():
+    for args in (["--help"], ["generate", "--help"], ["convert", "--help"]):
+        res = subprocess.run([sys.executable, "-m", "fluxkit.cli", *args], capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr
+        assert "usage" in res.stdout
+
+
+def test_convert_round_trip(tiny_dev_folder, tmp_path):
+    bfl = tmp_path / "flux1-tiny.safetensors"
+    assert main(["convert", str(tiny_dev_folder / "transformer"), str(bfl), "--to", "bfl"]) == 0
+    back = tmp_path / "transformer"
+    assert main(["convert", str(bfl), str(back), "--to", "diffusers", "--axes-dim", "4,6,6"]) == 0
+    from safetensors.torch import load_file
+
+    a = load_file(next((tiny_dev_folder / "transformer").glob("*.safetensors")))
+    b = load_file(next(back.glob("*.safetensors")))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    assert json.loads((back / "config.json").read_text())["num_layers"] == 1
