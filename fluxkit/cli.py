@@ -27,7 +27,9 @@ class UsageError(ValueError):
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fluxkit", description="FLUX.1 text-to-image: generate, train, convert, serve.")
+    parser = argparse.ArgumentParser(
+        prog="fluxkit", description="FLUX.1 text-to-image: generate, train, convert, serve."
+    )
     parser.add_argument("--version", action="version", version=f"fluxkit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():

@@ -17,7 +17,9 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompts", nargs="*", metavar="PROMPT", help="one or more prompts")
     p.add_argument("--prompt-file", type=Path, help="a text file with one prompt per line")
     p.add_argument("--from-image", type=Path, help="regenerate an image made by fluxkit from its embedded parameters")
-    p.add_argument("--model", help="built-in name, local folder or Hugging Face repo id (default: fluxkit-tiny-schnell)")
+    p.add_argument(
+        "--model", help="built-in name, local folder or Hugging Face repo id (default: fluxkit-tiny-schnell)"
+    )
     p.add_argument("--transformer", help="a single-file transformer (BFL safetensors) replacing the model's own")
     p.add_argument("--negative-prompt", help="negative prompt (used with --true-cfg > 1)")
     p.add_argument("--width", type=int)
@@ -30,8 +32,11 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, nargs="+", help="one image per seed (default: random)")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt (seeds count up from --seed)")
     p.add_argument("--batch-size", type=int, default=4, help="images per forward pass")
-    p.add_argument("--output", "-o", help="file name or pattern with {index}, {seed}, {prompt} (default: "
-                   "outputs/{prompt}-{seed}.{format})")
+    p.add_argument(
+        "--output",
+        "-o",
+        help="file name or pattern with {index}, {seed}, {prompt} (default: outputs/{prompt}-{seed}.{format})",
+    )
     p.add_argument("--format", choices=("png", "jpg", "webp"), help="image format (default: from --output, else png)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     p.add_argument("--dtype", help="auto, bf16, fp16, fp32 (auto: bf16 where the device is fast at it)")
@@ -95,8 +100,10 @@ def _slug(text: str) -> str:
 def _output_paths(args, jobs: list[tuple[str, int]], fmt: str) -> list[Path]:
     pattern = args.output or f"outputs/{{prompt}}-{{seed}}.{fmt}"
     if len(jobs) > 1 and not any(k in pattern for k in ("{index", "{seed", "{prompt")):
-        raise ValueError(f"--output {pattern!r} names one file but {len(jobs)} images are generated; "
-                         "use a pattern with {index}, {seed} or {prompt}")
+        raise ValueError(
+            f"--output {pattern!r} names one file but {len(jobs)} images are generated; "
+            "use a pattern with {index}, {seed} or {prompt}"
+        )
     try:
         paths = [Path(pattern.format(index=i, seed=s, prompt=_slug(p))) for i, (p, s) in enumerate(jobs)]
     except (KeyError, IndexError, ValueError) as e:
@@ -122,14 +129,20 @@ def run(args) -> int:
         raise ValueError("--num-images and --batch-size must be >= 1")
     if args.seed is not None and len(args.seed) > 1 and args.num_images != 1:
         raise ValueError("give either several --seed values or --num-images, not both")
-    seeds = args.seed if args.seed and len(args.seed) > 1 else \
-        [(args.seed[0] if args.seed else secrets.randbelow(2**31)) + k for k in range(args.num_images)]
+    seeds = (
+        args.seed
+        if args.seed and len(args.seed) > 1
+        else [(args.seed[0] if args.seed else secrets.randbelow(2**31)) + k for k in range(args.num_images)]
+    )
     jobs = [(p, s) for p in prompts for s in seeds]
     fmt = args.format or (Path(args.output).suffix.lstrip(".").lower() if args.output else "") or "png"
     paths = _output_paths(args, jobs, fmt)
 
-    pipe, model_name = _load(args, default_device() if args.device == "auto" else torch.device(args.device),
-                             None if args.dtype in (None, "auto") else parse_dtype(args.dtype))
+    pipe, model_name = _load(
+        args,
+        default_device() if args.device == "auto" else torch.device(args.device),
+        None if args.dtype in (None, "auto") else parse_dtype(args.dtype),
+    )
     height, width = _size(args, pipe.spec.default_size)
     steps = args.steps or pipe.spec.default_steps
     guidance = _guidance(args.guidance, steps)
@@ -139,14 +152,32 @@ def run(args) -> int:
     for start in range(0, len(jobs), args.batch_size):
         chunk = jobs[start : start + args.batch_size]
         gens = [torch.Generator("cpu").manual_seed(s) for _, s in chunk]
-        out = pipe([p for p, _ in chunk], height=height, width=width, num_inference_steps=steps,
-                   guidance_scale=guidance, true_cfg_scale=args.true_cfg or 1.0, negative_prompt=args.negative_prompt,
-                   generator=gens, callback_on_step_end=bar)
+        out = pipe(
+            [p for p, _ in chunk],
+            height=height,
+            width=width,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            true_cfg_scale=args.true_cfg or 1.0,
+            negative_prompt=args.negative_prompt,
+            generator=gens,
+            callback_on_step_end=bar,
+        )
         for (prompt, seed), image, path in zip(chunk, out.images, paths[start : start + len(chunk)]):
-            params = {"prompt": prompt, "seed": seed, "model": model_name, "transformer": args.transformer,
-                      "negative_prompt": args.negative_prompt, "width": width, "height": height, "steps": steps,
-                      "guidance": args.guidance, "true_cfg": args.true_cfg or 1.0, "dtype": str(pipe.dtype).split(".")[-1],
-                      "fluxkit": _version()}
+            params = {
+                "prompt": prompt,
+                "seed": seed,
+                "model": model_name,
+                "transformer": args.transformer,
+                "negative_prompt": args.negative_prompt,
+                "width": width,
+                "height": height,
+                "steps": steps,
+                "guidance": args.guidance,
+                "true_cfg": args.true_cfg or 1.0,
+                "dtype": str(pipe.dtype).split(".")[-1],
+                "fluxkit": _version(),
+            }
             save_image(image, path, params, fmt)
             if not args.quiet:
                 print(path, file=sys.stderr if bar else sys.stdout)
@@ -170,8 +201,10 @@ def _load(args, device, dtype):
     name = args.model
     if name is None:
         if DEFAULT_MODEL not in available_builtins():
-            raise ValueError("no built-in model in this install; pass --model with a local folder, a diffusers "
-                             "folder or a Hugging Face repo id (e.g. black-forest-labs/FLUX.1-schnell)")
+            raise ValueError(
+                "no built-in model in this install; pass --model with a local folder, a diffusers "
+                "folder or a Hugging Face repo id (e.g. black-forest-labs/FLUX.1-schnell)"
+            )
         name = DEFAULT_MODEL
     if args.quiet:
         _silence_loading()

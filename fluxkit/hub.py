@@ -26,8 +26,16 @@ log = logging.getLogger(__name__)
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 BUILTIN = {"fluxkit-tiny-schnell": "tiny-schnell", "fluxkit-tiny-dev": "tiny-dev"}
 DEFAULT_MODEL = "fluxkit-tiny-schnell"
-DIFFUSERS_PATTERNS = ["model_index.json", "transformer/*", "vae/*", "text_encoder/*", "text_encoder_2/*",
-                      "tokenizer/*", "tokenizer_2/*", "scheduler/*"]
+DIFFUSERS_PATTERNS = [
+    "model_index.json",
+    "transformer/*",
+    "vae/*",
+    "text_encoder/*",
+    "text_encoder_2/*",
+    "tokenizer/*",
+    "tokenizer_2/*",
+    "scheduler/*",
+]
 
 
 def spec_to_dict(spec: ModelSpec) -> dict:
@@ -51,8 +59,17 @@ def available_builtins() -> list[str]:
     return [name for name, key in BUILTIN.items() if (WEIGHTS_DIR / key / "fluxkit.json").is_file()]
 
 
-def load_pipeline(cls, name_or_path, *, torch_dtype=None, device=None, transformer=None, vae=None,
-                  text_encoder=None, quantize: str | None = None):
+def load_pipeline(
+    cls,
+    name_or_path,
+    *,
+    torch_dtype=None,
+    device=None,
+    transformer=None,
+    vae=None,
+    text_encoder=None,
+    quantize: str | None = None,
+):
     """Build a pipeline from any supported source. `transformer` may be a module or a single-file path that stands
     in for the source's own transformer (the base then supplies text encoders, autoencoder and scheduler)."""
     from .devices import default_dtype
@@ -65,7 +82,9 @@ def load_pipeline(cls, name_or_path, *, torch_dtype=None, device=None, transform
     elif (folder / "model_index.json").is_file():
         parts = _load_diffusers(folder, dtype, transformer, vae, text_encoder)
     else:
-        raise ValueError(f"{folder} is neither a fluxkit folder (fluxkit.json) nor a diffusers folder (model_index.json)")
+        raise ValueError(
+            f"{folder} is neither a fluxkit folder (fluxkit.json) nor a diffusers folder (model_index.json)"
+        )
     model, ae, enc, spec, sched = parts
     if quantize is not None:
         from .quant import quantize_model
@@ -84,13 +103,17 @@ def _locate(name_or_path) -> Path:
         return builtin
     path = Path(name).expanduser()
     if path.is_file():
-        raise ValueError(f"{path} is a single file; load it as the transformer of a base model: "
-                         f"FluxPipeline.from_pretrained(BASE, transformer={str(path)!r})")
+        raise ValueError(
+            f"{path} is a single file; load it as the transformer of a base model: "
+            f"FluxPipeline.from_pretrained(BASE, transformer={str(path)!r})"
+        )
     if path.is_dir():
         return path
     if path.is_absolute() or name.startswith((".", "~")) or name.count("/") != 1:
-        raise ValueError(f"model {name!r} not found: not a built-in ({', '.join(BUILTIN)}), not a local folder, "
-                         "and not a Hugging Face repo id of the form org/name")
+        raise ValueError(
+            f"model {name!r} not found: not a built-in ({', '.join(BUILTIN)}), not a local folder, "
+            "and not a Hugging Face repo id of the form org/name"
+        )
     from .loading import resolve_model_source
 
     return resolve_model_source(name, allow_patterns=DIFFUSERS_PATTERNS)
@@ -144,18 +167,34 @@ def _load_diffusers(folder: Path, dtype, transformer, vae, text_encoder):
     ae = vae if vae is not None else load_autoencoder(folder / "vae", dtype=dtype)
     enc = text_encoder or _text_encoder("t5-clip", folder, dtype)
     sched_file = folder / "scheduler" / "scheduler_config.json"
-    sched = SchedulerConfig.from_diffusers(json.loads(sched_file.read_text())) if sched_file.is_file() \
+    sched = (
+        SchedulerConfig.from_diffusers(json.loads(sched_file.read_text()))
+        if sched_file.is_file()
         else SchedulerConfig(use_dynamic_shifting=model.params.guidance_embed)
+    )
     schnell_like = not sched.use_dynamic_shifting
-    spec = ModelSpec(name=folder.name, flux=model.params, ae=ae.params, text_encoder="t5-clip",
-                     max_sequence_length=512, shift_schedule=sched.use_dynamic_shifting,
-                     default_steps=4 if schnell_like else 28, default_guidance=0.0 if schnell_like else 3.5)
+    spec = ModelSpec(
+        name=folder.name,
+        flux=model.params,
+        ae=ae.params,
+        text_encoder="t5-clip",
+        max_sequence_length=512,
+        shift_schedule=sched.use_dynamic_shifting,
+        default_steps=4 if schnell_like else 28,
+        default_guidance=0.0 if schnell_like else 3.5,
+    )
     return model, ae, enc, spec, sched
 
 
-def save_native(folder: Path, transformer: torch.nn.Module, spec: ModelSpec, ae: torch.nn.Module | None = None,
-                ae_path: str = "ae.safetensors", dtype: torch.dtype = torch.bfloat16) -> None:
-    """Write a fluxkit folder. `ae=None` with a relative `ae_path` references an autoencoder shared with another model."""
+def save_native(
+    folder: Path,
+    transformer: torch.nn.Module,
+    spec: ModelSpec,
+    ae: torch.nn.Module | None = None,
+    ae_path: str = "ae.safetensors",
+    dtype: torch.dtype = torch.bfloat16,
+) -> None:
+    """Write a fluxkit folder; `ae=None` with a relative `ae_path` refers to an shared autoencoder."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)

@@ -14,8 +14,9 @@ META_KEY = "fluxkit"
 EXIF_DESCRIPTION = 0x010E  # ImageDescription: survives in JPEG and WebP EXIF
 
 
-def save_image(image: Image.Image, path: str | Path, params: dict | None = None, fmt: str | None = None,
-               quality: int = 95) -> Path:
+def save_image(
+    image: Image.Image, path: str | Path, params: dict | None = None, fmt: str | None = None, quality: int = 95
+) -> Path:
     """Write `image` to `path` (temp file + rename, so a crash never leaves half a file) with `params` as JSON."""
     path = Path(path)
     fmt = (fmt or path.suffix.lstrip(".") or "png").lower()

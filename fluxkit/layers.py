@@ -65,7 +65,7 @@ def split_qkv(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
 
 
 class SelfAttention(nn.Module):
-    """Holds the per-stream attention weights of a double block; the attention itself is joint (see DoubleStreamBlock)."""
+    """Per-stream attention weights of a double block; the attention itself is joint (see DoubleStreamBlock)."""
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool):
         super().__init__()

@@ -33,7 +33,7 @@ def rope_embedding(ids: Tensor, axes_dim: tuple[int, ...], theta: int) -> Tensor
 
 
 def apply_rope(xq: Tensor, xk: Tensor, pe: Tensor) -> tuple[Tensor, Tensor]:
-    """Rotate interleaved pairs (2k, 2k+1) of q and k [B, H, L, D] by pe; computed in fp32, returned in the input dtype."""
+    """Rotate interleaved pairs (2k, 2k+1) of q and k [B, H, L, D] by pe; fp32 math, returned in the input dtype."""
     xq_ = xq.float().unflatten(-1, (-1, 1, 2))  # [B, H, L, D/2, 1, 2]
     xk_ = xk.float().unflatten(-1, (-1, 1, 2))
     # out_pair = R @ x_pair, written as a broadcast multiply-add over R's columns.

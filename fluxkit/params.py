@@ -31,11 +31,15 @@ class FluxParams:
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if sum(self.axes_dim) != self.head_dim:
-            raise ValueError(f"axes_dim {self.axes_dim} sums to {sum(self.axes_dim)}, expected head_dim {self.head_dim}")
+            raise ValueError(
+                f"axes_dim {self.axes_dim} sums to {sum(self.axes_dim)}, expected head_dim {self.head_dim}"
+            )
         if any(d % 2 for d in self.axes_dim):
             raise ValueError(f"every axes_dim entry must be even (RoPE rotates pairs), got {self.axes_dim}")
         if self.in_channels % 4 or self.out_channels % 4:
-            raise ValueError(f"in/out channels must be multiples of 4 (2x2 packing), got {self.in_channels}/{self.out_channels}")
+            raise ValueError(
+                f"in/out channels must be multiples of 4 (2x2 packing), got {self.in_channels}/{self.out_channels}"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -105,39 +109,86 @@ TINY_FLUX = FluxParams(
     depth_single_blocks=6,
     axes_dim=(8, 28, 28),
 )
-TINY_AE = AutoEncoderParams(ch=32, ch_mult=(1, 2, 4, 4), num_res_blocks=1, norm_groups=8,
-                            scale_factor=1.0, shift_factor=0.0)
+TINY_AE = AutoEncoderParams(
+    ch=32, ch_mult=(1, 2, 4, 4), num_res_blocks=1, norm_groups=8, scale_factor=1.0, shift_factor=0.0
+)
 
 # Test-sized networks: every unit and parity test runs on these in seconds.
 TEST_FLUX = FluxParams(
-    in_channels=64, vec_in_dim=32, context_in_dim=48, hidden_size=32, num_heads=2,
-    depth=1, depth_single_blocks=1, axes_dim=(4, 6, 6),
+    in_channels=64,
+    vec_in_dim=32,
+    context_in_dim=48,
+    hidden_size=32,
+    num_heads=2,
+    depth=1,
+    depth_single_blocks=1,
+    axes_dim=(4, 6, 6),
 )
 TEST_AE = AutoEncoderParams(ch=32, ch_mult=(1, 2), num_res_blocks=1, norm_groups=8)
 
 PRESETS: dict[str, ModelSpec] = {
     "flux-dev": ModelSpec("flux-dev", FLUX_DEV),
-    "flux-schnell": ModelSpec("flux-schnell", FLUX_SCHNELL, max_sequence_length=256, shift_schedule=False,
-                              default_steps=4, default_guidance=0.0),
-    "flux-fill-dev": ModelSpec("flux-fill-dev", replace(FLUX_DEV, in_channels=384), default_steps=50,
-                               default_guidance=30.0),
-    "flux-canny-dev": ModelSpec("flux-canny-dev", replace(FLUX_DEV, in_channels=128), default_steps=50,
-                                default_guidance=30.0),
-    "flux-depth-dev": ModelSpec("flux-depth-dev", replace(FLUX_DEV, in_channels=128), default_steps=50,
-                                default_guidance=10.0),
+    "flux-schnell": ModelSpec(
+        "flux-schnell",
+        FLUX_SCHNELL,
+        max_sequence_length=256,
+        shift_schedule=False,
+        default_steps=4,
+        default_guidance=0.0,
+    ),
+    "flux-fill-dev": ModelSpec(
+        "flux-fill-dev", replace(FLUX_DEV, in_channels=384), default_steps=50, default_guidance=30.0
+    ),
+    "flux-canny-dev": ModelSpec(
+        "flux-canny-dev", replace(FLUX_DEV, in_channels=128), default_steps=50, default_guidance=30.0
+    ),
+    "flux-depth-dev": ModelSpec(
+        "flux-depth-dev", replace(FLUX_DEV, in_channels=128), default_steps=50, default_guidance=10.0
+    ),
     "flux-kontext-dev": ModelSpec("flux-kontext-dev", FLUX_DEV, default_steps=28, default_guidance=2.5),
-    "tiny-base": ModelSpec("tiny-base", replace(TINY_FLUX, guidance_embed=False), TINY_AE, "minilm",
-                           max_sequence_length=32, default_steps=28, default_guidance=0.0,
-                           default_size=(128, 128)),
-    "tiny-dev": ModelSpec("tiny-dev", TINY_FLUX, TINY_AE, "minilm", max_sequence_length=32,
-                          default_steps=20, default_guidance=3.5, default_size=(128, 128)),
-    "tiny-schnell": ModelSpec("tiny-schnell", replace(TINY_FLUX, guidance_embed=False), TINY_AE, "minilm",
-                              max_sequence_length=32, shift_schedule=False, default_steps=4,
-                              default_guidance=0.0, default_size=(128, 128)),
+    "tiny-base": ModelSpec(
+        "tiny-base",
+        replace(TINY_FLUX, guidance_embed=False),
+        TINY_AE,
+        "minilm",
+        max_sequence_length=32,
+        default_steps=28,
+        default_guidance=0.0,
+        default_size=(128, 128),
+    ),
+    "tiny-dev": ModelSpec(
+        "tiny-dev",
+        TINY_FLUX,
+        TINY_AE,
+        "minilm",
+        max_sequence_length=32,
+        default_steps=20,
+        default_guidance=3.5,
+        default_size=(128, 128),
+    ),
+    "tiny-schnell": ModelSpec(
+        "tiny-schnell",
+        replace(TINY_FLUX, guidance_embed=False),
+        TINY_AE,
+        "minilm",
+        max_sequence_length=32,
+        shift_schedule=False,
+        default_steps=4,
+        default_guidance=0.0,
+        default_size=(128, 128),
+    ),
     "test-dev": ModelSpec("test-dev", TEST_FLUX, TEST_AE, "test", max_sequence_length=16, default_size=(32, 32)),
-    "test-schnell": ModelSpec("test-schnell", replace(TEST_FLUX, guidance_embed=False), TEST_AE, "test",
-                              max_sequence_length=16, shift_schedule=False, default_steps=4,
-                              default_guidance=0.0, default_size=(32, 32)),
+    "test-schnell": ModelSpec(
+        "test-schnell",
+        replace(TEST_FLUX, guidance_embed=False),
+        TEST_AE,
+        "test",
+        max_sequence_length=16,
+        shift_schedule=False,
+        default_steps=4,
+        default_guidance=0.0,
+        default_size=(32, 32),
+    ),
 }
 
 

@@ -47,8 +47,12 @@ class SchedulerConfig:
             raise ValueError(f"static scheduler shift {cfg['shift']} is not supported; Flux uses dynamic or no shift")
         return cls(
             use_dynamic_shifting=bool(cfg.get("use_dynamic_shifting", False)),
-            shift=ShiftConfig(cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
-                              cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15)),
+            shift=ShiftConfig(
+                cfg.get("base_image_seq_len", 256),
+                cfg.get("max_image_seq_len", 4096),
+                cfg.get("base_shift", 0.5),
+                cfg.get("max_shift", 1.15),
+            ),
         )
 
 
@@ -60,8 +64,14 @@ def _repeat(x: Tensor, n: int) -> Tensor:
 class FluxPipeline:
     """Text-to-image with a FLUX.1-family model. Construct with `from_pretrained`."""
 
-    def __init__(self, transformer: Flux, vae: AutoEncoder, text_encoder: TextEncoder, spec: ModelSpec,
-                 scheduler: SchedulerConfig | None = None):
+    def __init__(
+        self,
+        transformer: Flux,
+        vae: AutoEncoder,
+        text_encoder: TextEncoder,
+        spec: ModelSpec,
+        scheduler: SchedulerConfig | None = None,
+    ):
         self.transformer = transformer
         self.vae = vae
         self.text_encoder = text_encoder
@@ -106,8 +116,13 @@ class FluxPipeline:
         enable_sequential_cpu_offload(self, device)
 
     # -- text -----------------------------------------------------------------------------------------------------
-    def encode_prompt(self, prompt, prompt_2=None, num_images_per_prompt: int = 1, max_sequence_length: int | None = None,
-                      ) -> tuple[Tensor, Tensor]:
+    def encode_prompt(
+        self,
+        prompt,
+        prompt_2=None,
+        num_images_per_prompt: int = 1,
+        max_sequence_length: int | None = None,
+    ) -> tuple[Tensor, Tensor]:
         """-> (token states [B*n, L, C], pooled [B*n, P]) in the transformer's dtype."""
         prompts = _as_list(prompt, "prompt")
         prompts_2 = _as_list(prompt_2, "prompt_2")
@@ -119,18 +134,35 @@ class FluxPipeline:
         return _repeat(seq, num_images_per_prompt).to(dev, dt), _repeat(pooled, num_images_per_prompt).to(dev, dt)
 
     # -- generation -----------------------------------------------------------------------------------------------
-    def __call__(self, prompt=None, prompt_2=None, negative_prompt=None, negative_prompt_2=None,
-                 true_cfg_scale: float = 1.0, height: int | None = None, width: int | None = None,
-                 num_inference_steps: int | None = None, sigmas: Sequence[float] | None = None,
-                 guidance_scale: float | Sequence[float] | None = None, num_images_per_prompt: int = 1,
-                 generator=None, latents: Tensor | None = None, prompt_embeds: Tensor | None = None,
-                 pooled_prompt_embeds: Tensor | None = None, negative_prompt_embeds: Tensor | None = None,
-                 negative_pooled_prompt_embeds: Tensor | None = None, output_type: str = "pil",
-                 return_dict: bool = True, max_sequence_length: int | None = None,
-                 callback_on_step_end: Callable | None = None,
-                 callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
-                 joint_attention_kwargs: dict | None = None, batch_size: int | None = None,
-                 steps: int | None = None, conditioning=None):
+    def __call__(
+        self,
+        prompt=None,
+        prompt_2=None,
+        negative_prompt=None,
+        negative_prompt_2=None,
+        true_cfg_scale: float = 1.0,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int | None = None,
+        sigmas: Sequence[float] | None = None,
+        guidance_scale: float | Sequence[float] | None = None,
+        num_images_per_prompt: int = 1,
+        generator=None,
+        latents: Tensor | None = None,
+        prompt_embeds: Tensor | None = None,
+        pooled_prompt_embeds: Tensor | None = None,
+        negative_prompt_embeds: Tensor | None = None,
+        negative_pooled_prompt_embeds: Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        max_sequence_length: int | None = None,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        joint_attention_kwargs: dict | None = None,
+        batch_size: int | None = None,
+        steps: int | None = None,
+        conditioning=None,
+    ):
         """Generate images. Arguments and defaults follow diffusers' FluxPipeline; fluxkit extras:
 
         - `steps`: shorthand for `num_inference_steps`;
@@ -172,23 +204,28 @@ class FluxPipeline:
 
     def _generate(self, req: _Request):
         """The recipe. Every front end (Python API, CLI, server) ends here."""
-        model, spec = self.transformer, self.spec
+        model = self.transformer
         dev, dt = model.device, model.dtype
         # 1. Text: positive, and negative for true CFG.
         if req.prompt_embeds is not None:
             txt = _repeat(req.prompt_embeds, req.num_images_per_prompt).to(dev, dt)
             vec = _repeat(req.pooled_prompt_embeds, req.num_images_per_prompt).to(dev, dt)
         else:
-            txt, vec = self.encode_prompt(req.prompts, req.prompts_2, req.num_images_per_prompt, req.max_sequence_length)
+            txt, vec = self.encode_prompt(
+                req.prompts, req.prompts_2, req.num_images_per_prompt, req.max_sequence_length
+            )
         neg = None
         if req.do_true_cfg:
             if req.negative_prompt_embeds is not None:
-                neg = (_repeat(req.negative_prompt_embeds, req.num_images_per_prompt).to(dev, dt),
-                       _repeat(req.negative_pooled_prompt_embeds, req.num_images_per_prompt).to(dev, dt))
+                neg = (
+                    _repeat(req.negative_prompt_embeds, req.num_images_per_prompt).to(dev, dt),
+                    _repeat(req.negative_pooled_prompt_embeds, req.num_images_per_prompt).to(dev, dt),
+                )
             else:
                 negs = req.negative_prompts or [""] * (txt.shape[0] // req.num_images_per_prompt)
-                neg = self.encode_prompt(negs, req.negative_prompts_2, req.num_images_per_prompt,
-                                         req.max_sequence_length)
+                neg = self.encode_prompt(
+                    negs, req.negative_prompts_2, req.num_images_per_prompt, req.max_sequence_length
+                )
         batch = txt.shape[0]
 
         # 2. Initial noise, packed, with position ids.
@@ -197,8 +234,16 @@ class FluxPipeline:
         if req.latents is not None:
             x = req.latents.to(dev, dt)
         else:
-            noise = sampling.get_noise(batch, channels, req.height, req.width, generator=req.generator, dtype=dt,
-                                       device=dev, downscale=self.vae.params.downscale)
+            noise = sampling.get_noise(
+                batch,
+                channels,
+                req.height,
+                req.width,
+                generator=req.generator,
+                dtype=dt,
+                device=dev,
+                downscale=self.vae.params.downscale,
+            )
             x = sampling.pack(noise)  # [B, L_img, C*4]
         img_ids = sampling.image_ids(batch, h // 2, w // 2, device=dev)
         txt_ids = sampling.text_ids(batch, txt.shape[1], device=dev)
@@ -272,4 +317,3 @@ def _concat_outputs(parts: list, output_type: str):
     if output_type == "np":
         return np.concatenate(parts)
     return torch.cat(parts)
-

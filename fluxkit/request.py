@@ -127,10 +127,28 @@ class Request:
         if latents is not None and (not isinstance(latents, Tensor) or latents.ndim != 3):
             raise ValueError("latents must be a packed tensor [B, L, C] (as diffusers' FluxPipeline takes them)")
         return cls(
-            prompts, lists["prompt_2"], lists["negative_prompt"], lists["negative_prompt_2"], true_cfg, height, width,
-            steps, sigmas, guidance, per, a["generator"], latents, a["prompt_embeds"], a["pooled_prompt_embeds"],
-            a["negative_prompt_embeds"], a["negative_pooled_prompt_embeds"], a["output_type"], a["return_dict"],
-            max_len, a["callback_on_step_end"], a["conditioning"],
+            prompts,
+            lists["prompt_2"],
+            lists["negative_prompt"],
+            lists["negative_prompt_2"],
+            true_cfg,
+            height,
+            width,
+            steps,
+            sigmas,
+            guidance,
+            per,
+            a["generator"],
+            latents,
+            a["prompt_embeds"],
+            a["pooled_prompt_embeds"],
+            a["negative_prompt_embeds"],
+            a["negative_pooled_prompt_embeds"],
+            a["output_type"],
+            a["return_dict"],
+            max_len,
+            a["callback_on_step_end"],
+            a["conditioning"],
         )
 
 

@@ -24,8 +24,15 @@ def latent_size(height: int, width: int, downscale: int = 8) -> tuple[int, int]:
 
 
 def get_noise(
-    batch: int, channels: int, height: int, width: int, *, generator: Generator, dtype: torch.dtype,
-    device: torch.device | str = "cpu", downscale: int = 8,
+    batch: int,
+    channels: int,
+    height: int,
+    width: int,
+    *,
+    generator: Generator,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+    downscale: int = 8,
 ) -> Tensor:
     """Initial noise [B, C, h, w], drawn exactly as diffusers' `randn_tensor` draws it.
 
@@ -94,7 +101,11 @@ def time_shift(mu: float, sigmas: np.ndarray) -> np.ndarray:
 
 
 def get_schedule(
-    num_steps: int, image_seq_len: int, *, shift: ShiftConfig | None, sigmas: Sequence[float] | None = None,
+    num_steps: int,
+    image_seq_len: int,
+    *,
+    shift: ShiftConfig | None,
+    sigmas: Sequence[float] | None = None,
 ) -> Tensor:
     """Sigmas [num_steps + 1] from 1 towards 0, terminal 0 appended; `shift=None` gives schnell's linear schedule.
 
@@ -126,7 +137,12 @@ def euler_step(x: Tensor, v: Tensor, sigma: Tensor, sigma_next: Tensor) -> Tenso
 
 
 def denoise(
-    velocity: Velocity, x: Tensor, sigmas: Tensor, *, start: int = 0, callback: StepCallback | None = None,
+    velocity: Velocity,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    start: int = 0,
+    callback: StepCallback | None = None,
     after_step: Callable[[Tensor, int], Tensor] | None = None,
 ) -> Tensor:
     """Integrate the flow from sigmas[start] to 0 with Euler steps.

@@ -19,7 +19,9 @@ log = logging.getLogger(__name__)
 class TextEncoder(Protocol):
     max_sequence_length: int  # the longest sequence this encoder accepts
 
-    def encode(self, prompts: list[str], prompts_2: list[str] | None, max_sequence_length: int) -> tuple[Tensor, Tensor]:
+    def encode(
+        self, prompts: list[str], prompts_2: list[str] | None, max_sequence_length: int
+    ) -> tuple[Tensor, Tensor]:
         """prompts feed the pooled vector, prompts_2 (default: prompts) the token sequence."""
         ...
 
@@ -27,8 +29,9 @@ class TextEncoder(Protocol):
 
 
 def _tokenize(tokenizer, prompts: list[str], max_length: int, what: str) -> Tensor:
-    ids = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
-                    return_tensors="pt").input_ids
+    ids = tokenizer(
+        prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+    ).input_ids
     full = tokenizer(prompts, padding="longest", return_tensors="pt").input_ids
     if full.shape[-1] > ids.shape[-1]:
         log.warning("%s: prompt truncated to %d tokens", what, max_length)
@@ -53,8 +56,10 @@ class T5ClipEncoder:
 
         for sub in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"):
             if not (root / sub).is_dir():
-                raise ValueError(f"{root} has no {sub}/ folder; a diffusers Flux folder needs text_encoder(_2) and "
-                                 "tokenizer(_2), or pass text_encoder=... explicitly")
+                raise ValueError(
+                    f"{root} has no {sub}/ folder; a diffusers Flux folder needs text_encoder(_2) and "
+                    "tokenizer(_2), or pass text_encoder=... explicitly"
+                )
         kw = {"torch_dtype": dtype} if dtype is not None else {}
         return cls(
             CLIPTextModel.from_pretrained(root / "text_encoder", local_files_only=True, **kw),
@@ -73,7 +78,9 @@ class T5ClipEncoder:
         return self.t5.device
 
     @torch.no_grad()
-    def encode(self, prompts: list[str], prompts_2: list[str] | None, max_sequence_length: int) -> tuple[Tensor, Tensor]:
+    def encode(
+        self, prompts: list[str], prompts_2: list[str] | None, max_sequence_length: int
+    ) -> tuple[Tensor, Tensor]:
         clip_ids = _tokenize(self.clip_tokenizer, prompts, self.clip_max_length, "CLIP")
         pooled = self.clip(clip_ids.to(self.clip.device), output_hidden_states=False).pooler_output
         t5_ids = _tokenize(self.t5_tokenizer, prompts_2 or prompts, max_sequence_length, "T5")
@@ -111,13 +118,17 @@ class MiniLMEncoder:
         return self.model.device
 
     @torch.no_grad()
-    def encode(self, prompts: list[str], prompts_2: list[str] | None, max_sequence_length: int) -> tuple[Tensor, Tensor]:
+    def encode(
+        self, prompts: list[str], prompts_2: list[str] | None, max_sequence_length: int
+    ) -> tuple[Tensor, Tensor]:
         seq, mask = self._states(prompts_2 or prompts, max_sequence_length)
         pooled = self._pool(*self._states(prompts, max_sequence_length)) if prompts_2 else self._pool(seq, mask)
         return seq, pooled
 
     def _states(self, prompts: list[str], max_length: int) -> tuple[Tensor, Tensor]:
-        toks = self.tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+        toks = self.tokenizer(
+            prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+        )
         if max(len(ids) for ids in self.tokenizer(prompts).input_ids) > max_length:
             log.warning("MiniLM: prompt truncated to %d tokens", max_length)
         mask = toks.attention_mask.to(self.device)

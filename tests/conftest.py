@@ -12,8 +12,10 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 VOCAB_SIZE = 120
-WORDS = ("a red green blue yellow circle square triangle star above below left right of the on in small large "
-         "background sign that says black white cat dog photo blurry ugly").split()
+WORDS = (
+    "a red green blue yellow circle square triangle star above below left right of the on in small large "
+    "background sign that says black white cat dog photo blurry ugly"
+).split()
 
 
 def _word_tokenizer(kind: str):
@@ -23,26 +25,37 @@ def _word_tokenizer(kind: str):
     special = ["<pad>", "<unk>", "<bos>", "<eos>"]
     tok = Tokenizer(models.BPE(unk_token="<unk>", end_of_word_suffix="</w>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=special, end_of_word_suffix="</w>", show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE, special_tokens=special, end_of_word_suffix="</w>", show_progress=False
+    )
     tok.train_from_iterator([" ".join(WORDS)] * 4, trainer)
     if kind == "clip":
         from transformers import CLIPTokenizerFast
 
-        tok.post_processor = processors.TemplateProcessing(single="<bos> $A <eos>",
-                                                           special_tokens=[("<bos>", 2), ("<eos>", 3)])
-        return CLIPTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
-                                 pad_token="<pad>", model_max_length=77)
+        tok.post_processor = processors.TemplateProcessing(
+            single="<bos> $A <eos>", special_tokens=[("<bos>", 2), ("<eos>", 3)]
+        )
+        return CLIPTokenizerFast(
+            tokenizer_object=tok,
+            bos_token="<bos>",
+            eos_token="<eos>",
+            unk_token="<unk>",
+            pad_token="<pad>",
+            model_max_length=77,
+        )
     from transformers import T5TokenizerFast
 
     # T5 tokenizers are Unigram models (transformers rebuilds them from vocab scores when loading).
     tok = Tokenizer(models.Unigram())
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    trainer = trainers.UnigramTrainer(vocab_size=VOCAB_SIZE, special_tokens=["<pad>", "</s>", "<unk>"],
-                                      unk_token="<unk>", show_progress=False)
+    trainer = trainers.UnigramTrainer(
+        vocab_size=VOCAB_SIZE, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>", show_progress=False
+    )
     tok.train_from_iterator([" ".join(WORDS)] * 4, trainer)
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-                           extra_ids=0, model_max_length=512)
+    return T5TokenizerFast(
+        tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>", extra_ids=0, model_max_length=512
+    )
 
 
 def tiny_diffusers_pipeline(guidance_embeds: bool = True, in_channels: int = 64, seed: int = 0):
@@ -52,30 +65,85 @@ def tiny_diffusers_pipeline(guidance_embeds: bool = True, in_channels: int = 64,
 
     torch.manual_seed(seed)
     n_vocab = VOCAB_SIZE
-    clip = CLIPTextModel(CLIPTextConfig(vocab_size=n_vocab, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                                        num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
-                                        bos_token_id=2, eos_token_id=3, pad_token_id=0))
-    t5 = T5EncoderModel(T5Config(vocab_size=n_vocab, d_model=48, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                                 relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
-                                 decoder_start_token_id=0))
-    transformer = FluxTransformer2DModel(patch_size=1, in_channels=in_channels, out_channels=64, num_layers=1,
-                                         num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
-                                         joint_attention_dim=48, pooled_projection_dim=32,
-                                         guidance_embeds=guidance_embeds, axes_dims_rope=(4, 6, 6))
+    clip = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=n_vocab,
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            projection_dim=32,
+            bos_token_id=2,
+            eos_token_id=3,
+            pad_token_id=0,
+        )
+    )
+    t5 = T5EncoderModel(
+        T5Config(
+            vocab_size=n_vocab,
+            d_model=48,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    )
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=in_channels,
+        out_channels=64,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=48,
+        pooled_projection_dim=32,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(4, 6, 6),
+    )
     with torch.no_grad():
         for p in transformer.parameters():
             p.normal_(0, 0.2)
     # 4 levels: an 8x autoencoder, as every Flux pipeline assumes.
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 16, 16),
-                        layers_per_block=1, latent_channels=16, norm_num_groups=4, use_quant_conv=False,
-                        use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035, sample_size=64)
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=guidance_embeds, base_shift=0.5,
-                                                max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 16, 16),
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=4,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+        sample_size=64,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0,
+        use_dynamic_shifting=guidance_embeds,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
     if not guidance_embeds:
         scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
-    return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=_word_tokenizer("clip"),
-                        text_encoder_2=t5, tokenizer_2=_word_tokenizer("t5"), transformer=transformer)
+    return FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=clip,
+        tokenizer=_word_tokenizer("clip"),
+        text_encoder_2=t5,
+        tokenizer_2=_word_tokenizer("t5"),
+        transformer=transformer,
+    )
 
 
 @pytest.fixture(scope="session")

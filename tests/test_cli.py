@@ -16,9 +16,30 @@ from fluxkit.imageio import read_params
 
 def test_generate_writes_images_with_parameters_and_replays(tiny_dev_folder, tmp_path, capsys):
     out = tmp_path / "img-{seed}.png"
-    code = main(["generate", "a red circle", "--model", str(tiny_dev_folder), "--width", "48", "--height", "32",
-                 "--steps", "2", "--guidance", "4.0", "--seed", "5", "6", "--output", str(out), "--quiet",
-                 "--dtype", "fp32"])
+    code = main(
+        [
+            "generate",
+            "a red circle",
+            "--model",
+            str(tiny_dev_folder),
+            "--width",
+            "48",
+            "--height",
+            "32",
+            "--steps",
+            "2",
+            "--guidance",
+            "4.0",
+            "--seed",
+            "5",
+            "6",
+            "--output",
+            str(out),
+            "--quiet",
+            "--dtype",
+            "fp32",
+        ]
+    )
     assert code == 0
     first = tmp_path / "img-5.png"
     assert first.is_file() and (tmp_path / "img-6.png").is_file()
@@ -29,24 +50,49 @@ def test_generate_writes_images_with_parameters_and_replays(tiny_dev_folder, tmp
     replay = tmp_path / "replay.png"
     assert main(["generate", "--from-image", str(first), "--output", str(replay), "--quiet"]) == 0
     assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(replay)))
-    assert np.abs(np.asarray(Image.open(first), float) - np.asarray(Image.open(tmp_path / "img-6.png"), float)).max() > 0
+    assert (
+        np.abs(np.asarray(Image.open(first), float) - np.asarray(Image.open(tmp_path / "img-6.png"), float)).max() > 0
+    )
 
 
 def test_aspect_ratio_and_jpeg_metadata(tiny_dev_folder, tmp_path):
     out = tmp_path / "wide.jpg"
-    assert main(["generate", "a blue square", "--model", str(tiny_dev_folder), "--aspect-ratio", "16:9",
-                 "--megapixels", "0.004", "--steps", "1", "--seed", "1", "-o", str(out), "-q"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "a blue square",
+                "--model",
+                str(tiny_dev_folder),
+                "--aspect-ratio",
+                "16:9",
+                "--megapixels",
+                "0.004",
+                "--steps",
+                "1",
+                "--seed",
+                "1",
+                "-o",
+                str(out),
+                "-q",
+            ]
+        )
+        == 0
+    )
     w, h = Image.open(out).size
     assert w % 16 == 0 and h % 16 == 0 and w > h
     assert read_params(out)["prompt"] == "a blue square"
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["generate"], "no prompt given"),
-    (["generate", "x", "--model", "/nonexistent/folder/model"], "not found"),
-    (["generate", "x", "--aspect-ratio", "16:9", "--width", "64"], "either --aspect-ratio"),
-    (["generate", "x", "y", "--output", "one.png", "--model", "/x"], "names one file"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["generate"], "no prompt given"),
+        (["generate", "x", "--model", "/nonexistent/folder/model"], "not found"),
+        (["generate", "x", "--aspect-ratio", "16:9", "--width", "64"], "either --aspect-ratio"),
+        (["generate", "x", "y", "--output", "one.png", "--model", "/x"], "names one file"),
+    ],
+)
 def test_bad_input_is_one_line_and_status_2(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()

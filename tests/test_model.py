@@ -16,10 +16,19 @@ def _diffusers_model(guidance: bool, in_channels: int = 64):
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(0)
-    ref = FluxTransformer2DModel(patch_size=1, in_channels=in_channels, out_channels=64, num_layers=2,
-                                 num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
-                                 joint_attention_dim=48, pooled_projection_dim=32, guidance_embeds=guidance,
-                                 axes_dims_rope=(4, 6, 6))
+    ref = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=in_channels,
+        out_channels=64,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=48,
+        pooled_projection_dim=32,
+        guidance_embeds=guidance,
+        axes_dims_rope=(4, 6, 6),
+    )
     with torch.no_grad():
         for p in ref.parameters():
             p.normal_(0, 0.3)  # large enough that every block changes the output
@@ -31,8 +40,15 @@ def _inputs(batch=2, h2=3, w2=4, l_txt=7, in_channels=64):
     ids = torch.zeros(h2 * w2, 3)
     ids[:, 1] = torch.arange(h2 * w2) // w2
     ids[:, 2] = torch.arange(h2 * w2) % w2
-    return dict(img=img, txt=torch.randn(batch, l_txt, 48), y=torch.randn(batch, 32), t=torch.tensor([0.3, 0.9]),
-                g=torch.tensor([3.5, 1.0]), img_ids=ids, txt_ids=torch.zeros(l_txt, 3))
+    return dict(
+        img=img,
+        txt=torch.randn(batch, l_txt, 48),
+        y=torch.randn(batch, 32),
+        t=torch.tensor([0.3, 0.9]),
+        g=torch.tensor([3.5, 1.0]),
+        img_ids=ids,
+        txt_ids=torch.zeros(l_txt, 3),
+    )
 
 
 @pytest.mark.parametrize("guidance", [True, False], ids=["dev-like", "schnell-like"])
@@ -45,11 +61,25 @@ def test_forward_equals_diffusers_fp32(guidance, in_channels):
     x = _inputs(in_channels=in_channels)
     b = x["img"].shape[0]
     with torch.no_grad():
-        expected = ref(hidden_states=x["img"], encoder_hidden_states=x["txt"], pooled_projections=x["y"],
-                       timestep=x["t"], img_ids=x["img_ids"], txt_ids=x["txt_ids"],
-                       guidance=x["g"] if guidance else None, return_dict=False)[0]
-        got = ours(x["img"], x["img_ids"].expand(b, -1, -1), x["txt"], x["txt_ids"].expand(b, -1, -1), x["t"], x["y"],
-                   x["g"] if guidance else None)
+        expected = ref(
+            hidden_states=x["img"],
+            encoder_hidden_states=x["txt"],
+            pooled_projections=x["y"],
+            timestep=x["t"],
+            img_ids=x["img_ids"],
+            txt_ids=x["txt_ids"],
+            guidance=x["g"] if guidance else None,
+            return_dict=False,
+        )[0]
+        got = ours(
+            x["img"],
+            x["img_ids"].expand(b, -1, -1),
+            x["txt"],
+            x["txt_ids"].expand(b, -1, -1),
+            x["t"],
+            x["y"],
+            x["g"] if guidance else None,
+        )
     rel = ((got - expected).norm() / expected.norm()).item()
     assert rel <= 1e-5, rel
     assert expected.abs().mean() > 0.1
@@ -73,8 +103,14 @@ def test_dev_model_requires_guidance():
     model = Flux(TEST_FLUX)
     x = _inputs()
     with pytest.raises(ValueError, match="guidance"):
-        model(x["img"], x["img_ids"][None].expand(2, -1, -1), x["txt"], x["txt_ids"][None].expand(2, -1, -1),
-              x["t"], x["y"])
+        model(
+            x["img"],
+            x["img_ids"][None].expand(2, -1, -1),
+            x["txt"],
+            x["txt_ids"][None].expand(2, -1, -1),
+            x["t"],
+            x["y"],
+        )
 
 
 @pytest.mark.parametrize("params, count", [(FLUX_DEV, 780), (FLUX_SCHNELL, 776)], ids=["flux-dev", "flux-schnell"])

@@ -1,4 +1,4 @@
-"""The whole pipeline against diffusers' FluxPipeline on the same tiny random folder, plus behaviour and input checks."""
+"""The whole pipeline against diffusers' FluxPipeline on one tiny random folder, plus behaviour and input checks."""
 
 from __future__ import annotations
 
@@ -29,8 +29,16 @@ def dev_pair(tiny_dev_folder):
 def test_dev_image_equals_diffusers(dev_pair):
     """Non-square, two prompts, two images per prompt, true CFG with negative prompts: within 2/255 per pixel."""
     ours, ref = dev_pair
-    kwargs = dict(height=48, width=80, num_inference_steps=3, guidance_scale=3.5, num_images_per_prompt=2,
-                  true_cfg_scale=2.5, max_sequence_length=16, output_type="np")
+    kwargs = dict(
+        height=48,
+        width=80,
+        num_inference_steps=3,
+        guidance_scale=3.5,
+        num_images_per_prompt=2,
+        true_cfg_scale=2.5,
+        max_sequence_length=16,
+        output_type="np",
+    )
     a = ref(PROMPTS, negative_prompt=NEGATIVE, generator=_gen(3), **kwargs).images
     b = ours(PROMPTS, negative_prompt=NEGATIVE, generator=_gen(3), **kwargs).images
     assert a.shape == b.shape == (4, 48, 80, 3)
@@ -45,8 +53,9 @@ def test_schnell_image_equals_diffusers(tiny_schnell_folder):
     ref = DiffusersFlux.from_pretrained(tiny_schnell_folder, torch_dtype=torch.float32)
     ref.set_progress_bar_config(disable=True)
     gens = lambda: [_gen(s) for s in (11, 12)]  # noqa: E731
-    kwargs = dict(height=64, width=32, num_inference_steps=2, guidance_scale=0.0, output_type="np",
-                  max_sequence_length=16)
+    kwargs = dict(
+        height=64, width=32, num_inference_steps=2, guidance_scale=0.0, output_type="np", max_sequence_length=16
+    )
     a = ref(PROMPTS, generator=gens(), **kwargs).images
     b = ours(PROMPTS, generator=gens(), **kwargs).images
     assert np.abs(a - b).max() <= 2 / 255
@@ -54,8 +63,14 @@ def test_schnell_image_equals_diffusers(tiny_schnell_folder):
 
 def test_pil_output_and_seed_snippet(dev_pair):
     ours, _ = dev_pair
-    image = ours(PROMPTS[0], guidance_scale=0.0, num_inference_steps=2, height=32, width=32,
-                 generator=torch.Generator("cpu").manual_seed(42)).images[0]
+    image = ours(
+        PROMPTS[0],
+        guidance_scale=0.0,
+        num_inference_steps=2,
+        height=32,
+        width=32,
+        generator=torch.Generator("cpu").manual_seed(42),
+    ).images[0]
     assert image.size == (32, 32) and image.mode == "RGB"
 
 
@@ -103,26 +118,30 @@ def test_callback_sees_every_step_and_can_edit_latents(dev_pair):
         steps.append(i)
         return {"latents": torch.zeros_like(kw["latents"])} if i == 2 else kw
 
-    img = ours(PROMPTS[0], height=32, width=32, steps=3, callback_on_step_end=cb, output_type="latent",
-               generator=_gen()).images
+    img = ours(
+        PROMPTS[0], height=32, width=32, steps=3, callback_on_step_end=cb, output_type="latent", generator=_gen()
+    ).images
     assert steps == [0, 1, 2]
     assert torch.count_nonzero(img) == 0
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(height=40), "height must be a multiple of 16"),
-    (dict(width=33), "width must be a multiple of 16"),
-    (dict(prompt=3), "prompt must be a string"),
-    (dict(prompt_2=["a", "b"]), "prompt_2 has 2 entries"),
-    (dict(max_sequence_length=100_000), "max_sequence_length"),
-    (dict(output_type="jpeg"), "output_type"),
-    (dict(num_images_per_prompt=0), "num_images_per_prompt"),
-    (dict(negative_prompt="x"), "true_cfg_scale > 1"),
-    (dict(generator=[torch.Generator(), torch.Generator()]), "generators"),
-    (dict(guidance_scale=[1.0, 2.0, 3.0]), "schedule has 3 values for 2 steps"),
-    (dict(steps=2, num_inference_steps=3), "disagree"),
-    (dict(joint_attention_kwargs={"foo": 1}), "unsupported keys"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(height=40), "height must be a multiple of 16"),
+        (dict(width=33), "width must be a multiple of 16"),
+        (dict(prompt=3), "prompt must be a string"),
+        (dict(prompt_2=["a", "b"]), "prompt_2 has 2 entries"),
+        (dict(max_sequence_length=100_000), "max_sequence_length"),
+        (dict(output_type="jpeg"), "output_type"),
+        (dict(num_images_per_prompt=0), "num_images_per_prompt"),
+        (dict(negative_prompt="x"), "true_cfg_scale > 1"),
+        (dict(generator=[torch.Generator(), torch.Generator()]), "generators"),
+        (dict(guidance_scale=[1.0, 2.0, 3.0]), "schedule has 3 values for 2 steps"),
+        (dict(steps=2, num_inference_steps=3), "disagree"),
+        (dict(joint_attention_kwargs={"foo": 1}), "unsupported keys"),
+    ],
+)
 def test_bad_input_is_a_precise_value_error(dev_pair, kwargs, match):
     ours, _ = dev_pair
     args = dict(prompt=PROMPTS[0], height=32, width=32, num_inference_steps=2)

@@ -17,8 +17,14 @@ def test_shifted_schedule_equals_flowmatch_scheduler(steps, size):
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
     seq_len = (size[0] // 16) * (size[1] // 16)
-    sched = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                                            base_image_seq_len=256, max_image_seq_len=4096)
+    sched = FlowMatchEulerDiscreteScheduler(
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
     sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=calculate_shift(seq_len, 256, 4096, 0.5, 1.15))
     ours = sampling.get_schedule(steps, seq_len, shift=ShiftConfig())
     assert torch.equal(ours, sched.sigmas)
@@ -55,8 +61,12 @@ def test_noise_equals_diffusers_randn_tensor(dtype):
     ours = sampling.get_noise(3, 16, 96, 160, generator=torch.Generator("cpu").manual_seed(7), dtype=dtype)
     assert torch.equal(ours, ref)
     gens = [torch.Generator("cpu").manual_seed(s) for s in (1, 2, 3)]
-    ref = randn_tensor(shape, generator=[torch.Generator("cpu").manual_seed(s) for s in (1, 2, 3)],
-                       device=torch.device("cpu"), dtype=dtype)
+    ref = randn_tensor(
+        shape,
+        generator=[torch.Generator("cpu").manual_seed(s) for s in (1, 2, 3)],
+        device=torch.device("cpu"),
+        dtype=dtype,
+    )
     assert torch.equal(sampling.get_noise(3, 16, 96, 160, generator=gens, dtype=dtype), ref)
 
 
@@ -83,7 +93,11 @@ def test_euler_loop_integrates_constant_velocity_exactly():
     noise = torch.randn(1, 4, 8)
     v = noise - x0
     seen = []
-    out = sampling.denoise(lambda x, t, i: v, noise.clone(), sampling.get_schedule(5, 256, shift=ShiftConfig()),
-                           callback=lambda i, s, x: seen.append(i))
+    out = sampling.denoise(
+        lambda x, t, i: v,
+        noise.clone(),
+        sampling.get_schedule(5, 256, shift=ShiftConfig()),
+        callback=lambda i, s, x: seen.append(i),
+    )
     assert torch.allclose(out, x0, atol=1e-5)
     assert seen == [0, 1, 2, 3, 4]
