@@ -10,6 +10,7 @@ from torch.utils.checkpoint import checkpoint
 from .layers import DoubleStreamBlock, EmbedND, LastLayer, MLPEmbedder, SingleStreamBlock
 from .math import timestep_embedding
 from .params import FluxParams
+from .step_cache import FirstBlockCacheConfig, StepCache, TeaCacheConfig, run_blocks_cached
 
 
 class Flux(nn.Module):
@@ -33,6 +34,7 @@ class Flux(nn.Module):
         )
         self.final_layer = LastLayer(hidden, params.out_channels)
         self.gradient_checkpointing = False
+        self.step_cache: StepCache | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -82,10 +84,27 @@ class Flux(nn.Module):
         if pe is None:
             pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))  # [B, 1, L, D/2, 2, 2]
 
-        for block in self.double_blocks:
+        if self.step_cache is not None:
+            img = run_blocks_cached(self, self.step_cache, img, txt, vec, pe, attn_mask)
+        else:
+            img = self.run_blocks(img, txt, vec, pe, attn_mask)
+        return self.final_layer(img, vec)  # [B, L_img, out_ch]
+
+    def run_blocks(
+        self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor, attn_mask: Tensor | None = None, double_blocks=None
+    ) -> Tensor:
+        """Double blocks (separate streams), then single blocks over [txt; img]; returns the image tokens."""
+        for block in self.double_blocks if double_blocks is None else double_blocks:
             img, txt = self._run(block, img, txt, vec, pe, attn_mask)
         x = torch.cat((txt, img), dim=1)  # [B, L_txt + L_img, hidden]
         for block in self.single_blocks:
             x = self._run(block, x, vec, pe, attn_mask)
-        img = x[:, txt.shape[1] :]
-        return self.final_layer(img, vec)  # [B, L_img, out_ch]
+        return x[:, txt.shape[1] :]
+
+    def enable_cache(self, config: FirstBlockCacheConfig | TeaCacheConfig) -> StepCache:
+        """Skip most of the network on steps where it would change little (see fluxkit.step_cache)."""
+        self.step_cache = StepCache(config)
+        return self.step_cache
+
+    def disable_cache(self) -> None:
+        self.step_cache = None

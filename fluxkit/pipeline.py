@@ -278,11 +278,19 @@ class FluxPipeline:
         pe = model.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))  # fixed for the whole run
         guidance = req.guidance_per_step if model.params.guidance_embed else None
 
+        cache = model.step_cache
+        if cache is not None:
+            cache.reset()
+
         def velocity(x: Tensor, t: Tensor, i: int) -> Tensor:
             g = torch.full((batch,), guidance[i], device=x.device, dtype=torch.float32) if guidance else None
             inp = cond.model_input(x) if cond is not None else x
+            if cache is not None:
+                cache.context = "cond"
             v = model(inp, img_ids, txt, txt_ids, t, vec, g, pe=pe)[:, : x.shape[1]]
             if neg is not None:
+                if cache is not None:
+                    cache.context = "uncond"
                 v_neg = model(inp, img_ids, neg[0], txt_ids, t, neg[1], g, pe=pe)[:, : x.shape[1]]
                 v = v_neg + req.true_cfg_scale * (v - v_neg)
             return v

@@ -46,10 +46,9 @@ def prepare_crop(crop: np.ndarray, height: int = 64, pad: int = 20) -> Image.Ima
     return padded
 
 
-def read_line(crop: np.ndarray, whitelist: str = UPPERCASE, timeout_s: float = 30.0) -> str:
-    """Text of a single line (tesseract `--psm 7`), restricted to `whitelist`, spaces removed."""
+def _tesseract(image: Image.Image, whitelist: str, timeout_s: float) -> str:
     buffer = io.BytesIO()
-    prepare_crop(crop).save(buffer, format="PNG")
+    image.save(buffer, format="PNG")
     # One OpenMP thread: evaluation runs many small OCR calls, threads only add contention.
     env = {**os.environ, "OMP_THREAD_LIMIT": "1"}
     command = [tesseract_binary(), "stdin", "stdout", "--psm", "7", "-l", "eng",
@@ -59,6 +58,23 @@ def read_line(crop: np.ndarray, whitelist: str = UPPERCASE, timeout_s: float = 3
     if done.returncode != 0:
         raise RuntimeError(f"tesseract failed (exit {done.returncode}): {done.stderr.decode(errors='replace')}")
     return "".join(ch for ch in done.stdout.decode(errors="replace") if ch in whitelist)
+
+
+def read_line(crop: np.ndarray, whitelist: str = UPPERCASE, heights: tuple[int, ...] = (64, 40),
+              timeout_s: float = 30.0) -> str:
+    """Text of a single line (tesseract `--psm 7`), restricted to `whitelist`, spaces removed.
+
+    The crop is tried at each of `heights` until one read is non-empty: tesseract's line finder sometimes
+    returns nothing at one scale for short words ('INN') that it reads at another.
+    """
+    if not heights:
+        raise ValueError("heights must name at least one crop height")
+    text = ""
+    for height in heights:
+        text = _tesseract(prepare_crop(crop, height=height), whitelist, timeout_s)
+        if text:
+            break
+    return text
 
 
 def edit_distance(a: str, b: str) -> int:

@@ -125,8 +125,8 @@ class RunFolder:
             diffs = [d for d in config_differences(json.loads(saved.read_text()), cfg.to_dict())
                      if d not in RESUMABLE_CHANGES]
             if diffs:
-                raise ValueError(f"--resume: the config differs from {saved} in {diffs}; only {sorted(RESUMABLE_CHANGES)}"
-                                 " may change between sessions")
+                raise ValueError(f"--resume: the config differs from {saved} in {diffs}; only "
+                                 f"{sorted(RESUMABLE_CHANGES)} may change between sessions")
         dist.barrier()  # every rank has read the old config before rank 0 rewrites it
         if dist.is_main:
             run.samples.mkdir(parents=True, exist_ok=True)

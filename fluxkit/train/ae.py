@@ -1,0 +1,163 @@
+"""Stage `ae`: train the tiny FLUX autoencoder on rendered scenes, then fix its latent scale and shift from data.
+
+Loss per batch (one image size per batch, sizes drawn per step): L1 + MSE + an L1 on image gradients (sharp letter
+strokes and shape edges) on the reconstruction of a posterior sample, plus a small KL(q(z|x) || N(0, 1)) so the
+latents stay bounded and smooth, as the LDM/FLUX autoencoders are trained (without their GAN and LPIPS terms).
+At the end: shift_factor = mean, scale_factor = 1/std of the posterior means over `stats_scenes` scenes, so that
+z = scale * (latent - shift) has unit variance for the transformer; PSNR on held-out scenes by size and kind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from ..autoencoder import AutoEncoder
+from ..data import SceneDataset
+from ..params import AutoEncoderParams
+from .config import AEOptions, TrainConfig
+from .loop import Dist, RunFolder, atomic_write_text
+from .report import save_grid, to_uint8
+
+AE_FILE, AE_META = "ae.safetensors", "ae.json"
+
+
+class AEForward(nn.Module):
+    """The VAE training pass as one module call, so DistributedDataParallel sees (and syncs) every parameter."""
+
+    def __init__(self, ae: AutoEncoder):
+        super().__init__()
+        self.ae = ae
+
+    def forward(self, x: Tensor, eps: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        mean, logvar = self.ae.encode_moments(x)  # [B, z, h, w] each, unscaled
+        z = mean + torch.exp(0.5 * logvar) * eps  # reparameterised posterior sample
+        return self.ae.decoder(z), mean, logvar  # reconstruction [B, 3, H, W]
+
+
+def images_to_tensor(images: list[np.ndarray]) -> Tensor:
+    """(H, W, 3) uint8 images of one size -> [B, 3, H, W] in [-1, 1]."""
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def gradient_l1(a: Tensor, b: Tensor) -> Tensor:
+    """Mean |finite difference of a - that of b| along x and y."""
+    dx = (a[..., :, 1:] - a[..., :, :-1]) - (b[..., :, 1:] - b[..., :, :-1])
+    dy = (a[..., 1:, :] - a[..., :-1, :]) - (b[..., 1:, :] - b[..., :-1, :])
+    return dx.abs().mean() + dy.abs().mean()
+
+
+class AETask:
+    def __init__(self, cfg: TrainConfig, dist: Dist):
+        self.cfg, self.dist = cfg, dist
+        self.opts: AEOptions = cfg.options
+        self.params = cfg.spec().ae
+        torch.manual_seed(cfg.seed)
+        self.model = AutoEncoder(self.params)
+        self.net = AEForward(self.model)
+        # One dataset per size: a batch must share a size, and SceneDataset picks the size inside each item.
+        self.datasets = [SceneDataset(cfg.data.seed + k, cfg.data.n, sizes=(size,))
+                         for k, size in enumerate(cfg.data.sizes)]
+
+    def batch(self, step: int, gen: torch.Generator) -> Tensor:
+        """This rank's batch: one size drawn per step, scene indices drawn from the rank's shard (i % world == rank)."""
+        data = self.datasets[int(torch.randint(len(self.datasets), (), generator=gen))]
+        shard = math.ceil((data.n - self.dist.rank) / self.dist.world)
+        picks = torch.randint(shard, (self.cfg.train.batch_size,), generator=gen) * self.dist.world + self.dist.rank
+        return images_to_tensor([data[int(i)].image for i in picks]).to(self.dist.device)
+
+    def losses(self, net: nn.Module, step: int, gen: torch.Generator) -> dict[str, Tensor]:
+        x = self.batch(step, gen)  # [B, 3, H, W]
+        f = self.params.downscale
+        eps = torch.randn(x.shape[0], self.params.z_channels, x.shape[2] // f, x.shape[3] // f, generator=gen)
+        rec, mean, logvar = net(x, eps.to(x.device))
+        rec = rec.float()
+        mean, logvar = mean.float(), logvar.float()
+        l1, mse, edge = (rec - x).abs().mean(), F.mse_loss(rec, x), gradient_l1(rec, x)
+        kl = 0.5 * (mean.square() + logvar.exp() - 1 - logvar).mean()  # KL(N(mean, var) || N(0, 1)) per element
+        o = self.opts
+        loss = o.l1_weight * l1 + o.mse_weight * mse + o.edge_weight * edge + o.kl_weight * kl
+        return {"loss": loss, "l1": l1, "mse": mse, "edge": edge, "kl": kl}
+
+    @torch.no_grad()
+    def samples(self, ema: nn.Module, path: Path) -> None:
+        """Two rows: fixed held-out scenes and their reconstructions (posterior mean)."""
+        data = SceneDataset(self.opts.eval_seed, self.cfg.sample.count, sizes=(self.cfg.sample.size,), pairs="any")
+        x = images_to_tensor([data[i].image for i in range(len(data))]).to(self.dist.device)
+        mean, _ = ema.encode_moments(x)
+        save_grid([to_uint8(x), to_uint8(ema.decoder(mean))], path, ["scene", "recon"])
+
+    def finish(self, ema: nn.Module, run: RunFolder) -> dict:
+        shift, scale = latent_statistics(ema, self.cfg.data.sizes, self.opts.stats_scenes, self.opts.eval_seed + 1,
+                                         self.dist.device)
+        params = dataclasses.replace(self.params, scale_factor=scale, shift_factor=shift)
+        psnr = reconstruction_psnr(ema, self.cfg.data.sizes, self.opts.eval_scenes, self.opts.eval_seed,
+                                   self.dist.device)
+        save_file({k: v.detach().float().contiguous().cpu() for k, v in ema.state_dict().items()}, run.root / AE_FILE)
+        meta = {"params": dataclasses.asdict(params), **psnr}
+        atomic_write_text(run.root / AE_META, json.dumps(meta, indent=2))
+        return {"scale_factor": scale, "shift_factor": shift, **psnr}
+
+
+@torch.no_grad()
+def latent_statistics(ae: AutoEncoder, sizes, n: int, seed: int, device: torch.device) -> tuple[float, float]:
+    """(mean, 1/std) of all posterior-mean latent elements over n training-distribution scenes."""
+    data = SceneDataset(seed, n, sizes=tuple(sizes))
+    total, total_sq, count = 0.0, 0.0, 0
+    for samples in _by_size(data):
+        mean, _ = ae.encode_moments(images_to_tensor([s.image for s in samples]).to(device))
+        total += mean.double().sum().item()
+        total_sq += mean.double().square().sum().item()
+        count += mean.numel()
+    mu = total / count
+    std = math.sqrt(max(total_sq / count - mu * mu, 1e-12))
+    return mu, 1.0 / std
+
+
+@torch.no_grad()
+def reconstruction_psnr(ae: AutoEncoder, sizes, n: int, seed: int, device: torch.device) -> dict:
+    """Mean per-image PSNR (dB, pixels in [0, 1]) on n held-out scenes (held-out colour x shape pairs included)."""
+    data = SceneDataset(seed, n, sizes=tuple(sizes), pairs="any")
+    by_size, by_kind, every = defaultdict(list), defaultdict(list), []
+    for samples in _by_size(data):
+        x = images_to_tensor([s.image for s in samples]).to(device)
+        mean, _ = ae.encode_moments(x)
+        rec = ae.decoder(mean).float().clamp(-1, 1)
+        mse = ((rec - x) / 2).square().mean(dim=(1, 2, 3)).clamp(min=1e-10)  # [B], in [0, 1] units
+        for sample, value in zip(samples, (-10 * torch.log10(mse)).tolist()):
+            by_size[f"{sample.scene.width}x{sample.scene.height}"].append(value)
+            by_kind[sample.scene.kind].append(value)
+            every.append(value)
+    return {"psnr": float(np.mean(every)), "psnr_by_size": {k: float(np.mean(v)) for k, v in sorted(by_size.items())},
+            "psnr_by_kind": {k: float(np.mean(v)) for k, v in sorted(by_kind.items())}}
+
+
+def _by_size(data: SceneDataset, batch: int = 32):
+    """Yield lists of `Sample`s, each list of one image size."""
+    groups = defaultdict(list)
+    for i in range(len(data)):
+        sample = data[i]
+        groups[sample.image.shape].append(sample)
+    for members in groups.values():
+        for start in range(0, len(members), batch):
+            yield members[start : start + batch]
+
+
+def load_trained_ae(run_root: Path, device: torch.device | str = "cpu") -> AutoEncoder:
+    """The autoencoder an `ae` run wrote (fp32, eval mode), with its data-derived scale and shift factors."""
+    meta_path = Path(run_root) / AE_META
+    if not meta_path.is_file():
+        raise ValueError(f"{run_root} holds no trained autoencoder ({AE_META} missing): finish the ae stage first")
+    p = json.loads(meta_path.read_text())["params"]
+    ae = AutoEncoder(AutoEncoderParams(**{**p, "ch_mult": tuple(p["ch_mult"])}))
+    ae.load_state_dict(load_file(Path(run_root) / AE_FILE), strict=True)
+    return ae.to(device).eval().requires_grad_(False)

@@ -1,0 +1,76 @@
+"""`fluxkit train CONFIG`: run one stage of the tiny-family recipe; `fluxkit train --export RUN --out DIR` ships it.
+
+    fluxkit train configs/tiny-base.toml --max-minutes 50        # stops cleanly with a checkpoint
+    fluxkit train configs/tiny-base.toml --resume                 # continues exactly where it stopped
+    torchrun --nproc_per_node=8 -m fluxkit train configs/tiny-base.toml   # DDP: gloo on CPU, NCCL on GPUs
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import torch
+
+from .config import load_config
+
+
+def add_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", type=Path, help="stage config file (configs/tiny-{ae,cache,base,dev,schnell}"
+                   ".toml)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run from its latest checkpoint (starts it if it has none)")
+    p.add_argument("--runs-dir", type=Path, help="where run folders live (default: $FLUXKIT_RUNS or ./runs)")
+    p.add_argument("--max-minutes", type=float, help="time budget: stop with a checkpoint after this many minutes")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.steps=2000 (repeatable)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="auto: CUDA when present (each torchrun rank takes cuda:LOCAL_RANK)")
+    p.add_argument("--threads", type=int, help="torch CPU threads per process (default: torch's choice)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.add_argument("--export", type=Path, metavar="RUN",
+                   help="instead of training: copy a finished transformer run's model to --out")
+    p.add_argument("--out", type=Path, help="with --export: the model folder to write")
+    p.add_argument("--ae-path", default="ae.safetensors",
+                   help="with --export: autoencoder path relative to --out (share one: ../ae.safetensors)")
+    p.set_defaults(run=run)
+
+
+def runs_dir_from(args: argparse.Namespace) -> Path:
+    return args.runs_dir or Path(os.environ.get("FLUXKIT_RUNS") or "runs")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.export is not None:
+        from .flow import export_run
+
+        if args.config is not None or args.out is None:
+            raise ValueError("--export RUN needs --out DIR and no config file")
+        print(f"wrote {export_run(args.export, args.out, args.ae_path)}")
+        return 0
+    if args.config is None:
+        raise ValueError("a config file is required (e.g. configs/tiny-base.toml), or --export RUN --out DIR")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    cfg = load_config(args.config, args.set)
+    from .loop import init_distributed, shutdown_distributed
+    from .stages import run_stage
+
+    dist = init_distributed(args.device)
+    try:
+        result = run_stage(cfg, runs_dir_from(args), resume=args.resume, max_minutes=args.max_minutes,
+                           quiet=args.quiet, dist=dist)
+    finally:
+        shutdown_distributed(dist)
+    if dist.is_main:
+        where = result.run.root
+        if result.finished:
+            print(f"{cfg.name}: finished ({cfg.stage}); outputs in {where}")
+        else:
+            step = f" at step {result.step}/{cfg.train.steps}" if result.step is not None else ""
+            print(f"{cfg.name}: stopped{step}; continue with: fluxkit train {args.config} --resume"
+                  + (f" --runs-dir {args.runs_dir}" if args.runs_dir else ""))
+    return 0

@@ -1,0 +1,213 @@
+"""Stage `base`: rectified-flow pretraining of the tiny Flux transformer on cached latents, plus what every
+transformer stage shares (batches from the cache, the timestep distribution, sample grids, export).
+
+Rectified flow (the FLUX.1 / SD3 objective): x_t = (1 - t) x0 + t noise, the network predicts the velocity
+noise - x0. Timesteps are logit-normal (SD3, Esser et al. 2024) and then pushed towards noise by the same
+resolution-dependent shift the sampler applies (`ShiftConfig.mu` of the image token count), so training spends its
+effort where sampling will look. ~10% of captions are replaced by the empty prompt so that the same network also
+predicts the unconditional velocity, which classifier-free guidance needs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import sampling
+from ..hub import save_native
+from ..model import Flux
+from ..params import FluxParams, ModelSpec
+from ..sampling import ShiftConfig
+from .cache import LatentCache
+from .config import FlowOptions, TrainConfig
+from .loop import Dist, RunFolder, resolve_run
+from .report import save_grid, to_uint8
+
+EXPORT_DIR = "export"
+
+
+def init_flux(params: FluxParams, seed: int, gradient_checkpointing: bool = False) -> Flux:
+    """A fresh transformer with adaLN-Zero init (DiT, Peebles & Xie 2023): every block starts as the identity
+    (modulation gates 0) and the output as 0, which trains more stably than PyTorch's default init alone."""
+    torch.manual_seed(seed)
+    model = Flux(params)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.endswith(("_mod.lin", "modulation.lin", "adaLN_modulation.1")) or name == "final_layer.linear":
+                module.weight.zero_()
+                module.bias.zero_()
+    model.gradient_checkpointing = gradient_checkpointing
+    return model
+
+
+def shifted_timesteps(batch: int, seq_len: int, gen: torch.Generator, mean: float = 0.0, std: float = 1.0) -> Tensor:
+    """t [B] = time_shift(mu(seq_len), sigmoid(N(mean, std))): logit-normal, then the sampler's shift."""
+    u = torch.sigmoid(torch.randn(batch, generator=gen) * std + mean)
+    shift = math.exp(ShiftConfig().mu(seq_len))
+    return shift / (shift + (1 / u - 1))  # fluxkit.sampling.time_shift, in torch
+
+
+def position_ids(batch: int, h: int, w: int, txt_len: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(img_ids [B, (h/2)(w/2), 3], txt_ids [B, txt_len, 3]) for an unpacked latent of size (h, w)."""
+    return sampling.image_ids(batch, h // 2, w // 2, device=device), sampling.text_ids(batch, txt_len, device)
+
+
+@dataclass
+class FlowBatch:
+    x0: Tensor  # [B, L, 64] packed clean latents
+    txt: Tensor  # [B, L_txt, 384]
+    vec: Tensor  # [B, 384]
+    img_ids: Tensor  # [B, L, 3]
+    txt_ids: Tensor  # [B, L_txt, 3]
+
+
+def draw_batch(cache: LatentCache, batch: int, gen: torch.Generator, dist: Dist, dropout: float = 0.0) -> FlowBatch:
+    """A bucketed batch from this rank's shard of the cache; `dropout` of the captions become the empty prompt."""
+    bucket, rows = cache.draw(batch, gen, dist.rank, dist.world)
+    latents = bucket.latents[rows]  # [B, 16, h, w]
+    txt, vec = bucket.txt[rows].float(), bucket.vec[rows].float()  # [B, L_txt, 384], [B, 384]
+    if dropout > 0:
+        drop = torch.rand(batch, generator=gen) < dropout  # [B]
+        txt = torch.where(drop[:, None, None], cache.empty_txt.float(), txt)
+        vec = torch.where(drop[:, None], cache.empty_vec.float(), vec)
+    dev = dist.device
+    return FlowBatch(sampling.pack(latents).to(dev), txt.to(dev), vec.to(dev),
+                     *position_ids(batch, *latents.shape[-2:], txt.shape[1], dev))
+
+
+def noisy(b: FlowBatch, gen: torch.Generator, mean: float = 0.0, std: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+    """(x_t [B, L, 64], t [B], velocity target noise - x0 [B, L, 64]) with logit-normal(mean, std) shifted t."""
+    batch, seq_len = b.x0.shape[:2]
+    t = shifted_timesteps(batch, seq_len, gen, mean, std).to(b.x0.device)
+    noise = torch.randn(b.x0.shape, generator=gen).to(b.x0.device)
+    x_t = (1 - t[:, None, None]) * b.x0 + t[:, None, None] * noise
+    return x_t, t, noise - b.x0
+
+
+@torch.no_grad()
+def generate_latents(model: Flux, txt: Tensor, vec: Tensor, size: tuple[int, int], steps: int, *, shifted: bool,
+                     guidance: float | None = None, cfg_scale: float = 1.0, empty: tuple[Tensor, Tensor] | None = None,
+                     seed: int = 0) -> Tensor:
+    """Euler sampling from precomputed text embeddings -> latents [B, 16, h, w]; seeds seed, seed+1, ... per image.
+
+    `guidance` feeds a guidance-distilled model; `cfg_scale` > 1 runs true CFG against `empty` (the base model).
+    """
+    width, height = size
+    batch, dev = txt.shape[0], model.device
+    gens = [torch.Generator().manual_seed(seed + i) for i in range(batch)]
+    noise = sampling.get_noise(batch, model.params.latent_channels, height, width, generator=gens,
+                               dtype=torch.float32, device=dev)  # [B, 16, h, w]
+    h, w = noise.shape[-2:]
+    x = sampling.pack(noise)  # [B, L, 64]
+    img_ids, txt_ids = position_ids(batch, h, w, txt.shape[1], dev)
+    pe = model.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))
+    sigmas = sampling.get_schedule(steps, x.shape[1], shift=ShiftConfig() if shifted else None).to(dev)
+    g = torch.full((batch,), float(guidance), device=dev) if model.params.guidance_embed else None
+    txt, vec = txt.to(dev).float(), vec.to(dev).float()
+    if cfg_scale != 1.0:
+        e_txt, e_vec = (e.to(dev).float().expand(batch, *e.shape[1:]) for e in empty)
+
+    def velocity(x: Tensor, t: Tensor, i: int) -> Tensor:
+        v = model(x, img_ids, txt, txt_ids, t, vec, g, pe=pe).float()
+        if cfg_scale != 1.0:
+            v_uncond = model(x, img_ids, e_txt, txt_ids, t, e_vec, g, pe=pe).float()
+            v = v_uncond + cfg_scale * (v - v_uncond)
+        return v
+
+    with torch.autocast(dev.type, dtype=torch.bfloat16):
+        x = sampling.denoise(velocity, x, sigmas)
+    return sampling.unpack(x.float(), h, w)
+
+
+class FlowTask:
+    """What the three transformer stages share: the cache, the model spec, sample grids and the export."""
+
+    shifted = True  # the sampler's schedule for this model (schnell: linear)
+
+    def __init__(self, cfg: TrainConfig, dist: Dist, runs_dir: Path):
+        self.cfg, self.dist = cfg, dist
+        self.cache = LatentCache.load(resolve_run(Path(runs_dir), cfg.options.cache, "cache"))
+        self.spec: ModelSpec = replace(cfg.spec(), ae=self.cache.ae_params)
+        self._ae = None
+
+    def ae(self):
+        if self._ae is None:
+            self._ae = self.cache.load_ae(self.dist.device)
+        return self._ae
+
+    def sample_kwargs(self) -> dict:
+        return {"cfg_scale": self.cfg.sample.guidance, "empty": (self.cache.empty_txt, self.cache.empty_vec)}
+
+    def samples(self, ema: nn.Module, path: Path) -> None:
+        """One row per `sample.steps` entry, `sample.count` of the cache's sample prompts, fixed seeds."""
+        sc = self.cfg.sample
+        idx = [i % len(self.cache.prompts) for i in range(sc.count)]
+        txt, vec = self.cache.prompt_txt[idx], self.cache.prompt_vec[idx]
+        rows = []
+        for steps in sc.steps:
+            z = generate_latents(ema, txt, vec, sc.size, steps, shifted=self.shifted, seed=sc.seed,
+                                 **self.sample_kwargs())
+            with torch.no_grad():
+                rows.append(to_uint8(self.ae().decode(z)))
+        save_grid(rows, path, [f"{s} steps" for s in sc.steps])
+
+    def finish(self, ema: nn.Module, run: RunFolder) -> dict:
+        """The shipped format (fluxkit.hub): bf16 transformer + this run's autoencoder, loadable by from_pretrained."""
+        save_native(run.root / EXPORT_DIR, ema, self.spec, ae=self.ae())
+        return {"export": EXPORT_DIR, "model": self.spec.name}
+
+
+class BaseTask(FlowTask):
+    def __init__(self, cfg: TrainConfig, dist: Dist, runs_dir: Path):
+        super().__init__(cfg, dist, runs_dir)
+        if self.spec.flux.guidance_embed:
+            raise ValueError(f"the base stage trains a model without guidance embedding; preset {cfg.model!r} has one")
+        self.opts: FlowOptions = cfg.options
+        self.model = self.net = init_flux(self.spec.flux, cfg.seed, cfg.train.gradient_checkpointing)
+
+    def losses(self, net: nn.Module, step: int, gen: torch.Generator) -> dict[str, Tensor]:
+        b = draw_batch(self.cache, self.cfg.train.batch_size, gen, self.dist, self.opts.caption_dropout)
+        x_t, t, target = noisy(b, gen, self.opts.logit_mean, self.opts.logit_std)
+        pred = net(x_t, b.img_ids, b.txt, b.txt_ids, t, b.vec)  # [B, L, 64]
+        return {"loss": F.mse_loss(pred.float(), target)}
+
+
+def export_run(run_root: Path, out: Path, ae_path: str = "ae.safetensors") -> Path:
+    """Copy a finished transformer run's export into `out` (e.g. fluxkit/weights/tiny-dev) with the autoencoder at
+    `ae_path` relative to `out`, so that several shipped models can share one file ("../ae.safetensors").
+
+    An autoencoder already at that path must hold the same tensors (models of one family share it).
+    """
+    from ..hub import spec_from_dict
+    from ..loading import load_flux_transformer, load_safetensors
+
+    src = Path(run_root) / EXPORT_DIR
+    meta_file = src / "fluxkit.json"
+    if not meta_file.is_file():
+        raise ValueError(f"{run_root} has no export ({meta_file} missing): the run has not finished")
+    if Path(ae_path).is_absolute():
+        raise ValueError(f"ae_path must be relative to the output folder, got {ae_path!r}")
+    meta = json.loads(meta_file.read_text())
+    spec = spec_from_dict(meta["spec"])
+    model = load_flux_transformer(src / meta["transformer"], params=spec.flux)
+    ae_src, ae_dst = src / meta["ae"], Path(out) / ae_path
+    if ae_dst.is_file():
+        mine, theirs = load_safetensors(ae_src), load_safetensors(ae_dst)
+        if mine.keys() != theirs.keys() or any(not torch.equal(mine[k], theirs[k]) for k in mine):
+            raise ValueError(f"{ae_dst} holds a different autoencoder than {ae_src}; models sharing it must come "
+                             "from the same ae run")
+    else:
+        ae_dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = ae_dst.with_name(ae_dst.name + ".tmp")
+        shutil.copyfile(ae_src, tmp)
+        os.replace(tmp, ae_dst)
+    save_native(Path(out), model, spec, ae=None, ae_path=ae_path)
+    return Path(out)
