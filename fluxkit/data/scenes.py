@@ -243,6 +243,17 @@ def make_sign(rng: random.Random, width: int, height: int, text: str, background
     return Sign(text, board[0], board[1], (x - bw / 2, y - bh / 2, x + bw / 2, y + bh / 2), font_px)
 
 
+def random_sign_text(rng: random.Random, length: int) -> str:
+    """Random uppercase letters, never 'II': two bare strokes side by side are ambiguous even to a human reader
+    (tesseract reads 'H', 'U' or one 'I')."""
+    text = ""
+    while len(text) < length:
+        letter = rng.choice(LETTERS)
+        if not (letter == "I" and text.endswith("I")):
+            text += letter
+    return text
+
+
 @lru_cache(maxsize=64)
 def _font(px: int) -> ImageFont.FreeTypeFont:
     font = ImageFont.load_default(size=px)  # Pillow's built-in scalable font: identical on every machine
@@ -383,7 +394,7 @@ def sample_scene(rng: random.Random, width: int, height: int, kinds: tuple[str, 
     background = rng.choice(tuple(BACKGROUNDS))
     stated = _optional(rng, kind, {"size": 0.6, "position": 0.7, "background": 0.5})
     if kind == "sign":
-        text = rng.choice(WORDS) if rng.random() < 0.6 else "".join(rng.choices(LETTERS, k=rng.randint(2, 5)))
+        text = rng.choice(WORDS) if rng.random() < 0.6 else random_sign_text(rng, rng.randint(2, 5))
         return Scene(kind, width, height, background, stated, sign=make_sign(rng, width, height, text, background))
     choices = allowed_pairs(pairs, background)
     colour, shape = rng.choice(choices)

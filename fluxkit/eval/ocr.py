@@ -46,12 +46,12 @@ def prepare_crop(crop: np.ndarray, height: int = 64, pad: int = 20) -> Image.Ima
     return padded
 
 
-def _tesseract(image: Image.Image, whitelist: str, timeout_s: float) -> str:
+def _tesseract(image: Image.Image, psm: int, whitelist: str, timeout_s: float) -> str:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     # One OpenMP thread: evaluation runs many small OCR calls, threads only add contention.
     env = {**os.environ, "OMP_THREAD_LIMIT": "1"}
-    command = [tesseract_binary(), "stdin", "stdout", "--psm", "7", "-l", "eng",
+    command = [tesseract_binary(), "stdin", "stdout", "--psm", str(psm), "-l", "eng",
                "-c", f"tessedit_char_whitelist={whitelist}"]
     done = subprocess.run(command, input=buffer.getvalue(), capture_output=True, timeout=timeout_s, env=env,
                           check=False)
@@ -60,18 +60,20 @@ def _tesseract(image: Image.Image, whitelist: str, timeout_s: float) -> str:
     return "".join(ch for ch in done.stdout.decode(errors="replace") if ch in whitelist)
 
 
-def read_line(crop: np.ndarray, whitelist: str = UPPERCASE, heights: tuple[int, ...] = (64, 40),
-              timeout_s: float = 30.0) -> str:
-    """Text of a single line (tesseract `--psm 7`), restricted to `whitelist`, spaces removed.
+# (page segmentation mode, crop height) tried in order until one read is non-empty. Mode 7 (one text line) reads
+# best, but its line finder sometimes drops a whole short word at one scale ('INN') that it reads at another;
+# mode 13 (raw line, no layout analysis) is the last resort.
+READ_ATTEMPTS = ((7, 64), (7, 40), (13, 40))
 
-    The crop is tried at each of `heights` until one read is non-empty: tesseract's line finder sometimes
-    returns nothing at one scale for short words ('INN') that it reads at another.
-    """
-    if not heights:
-        raise ValueError("heights must name at least one crop height")
+
+def read_line(crop: np.ndarray, whitelist: str = UPPERCASE, attempts: tuple[tuple[int, int], ...] = READ_ATTEMPTS,
+              timeout_s: float = 30.0) -> str:
+    """Text of a single line on a board crop, restricted to `whitelist`, spaces removed ("" if none read)."""
+    if not attempts:
+        raise ValueError("attempts must name at least one (psm, height)")
     text = ""
-    for height in heights:
-        text = _tesseract(prepare_crop(crop, height=height), whitelist, timeout_s)
+    for psm, height in attempts:
+        text = _tesseract(prepare_crop(crop, height=height), psm, whitelist, timeout_s)
         if text:
             break
     return text

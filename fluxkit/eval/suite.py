@@ -12,8 +12,22 @@ from dataclasses import dataclass
 
 from fluxkit.data.captions import caption
 from fluxkit.data.scenes import (
-    BACKGROUNDS, COLOURS, HELD_OUT_PAIRS, LETTERS, POSITIONS, RELATIONS, SHAPES, SIZES, WORDS, Scene, allowed_pairs,
-    contrasts, make_count, make_object, make_relation, make_sign,
+    BACKGROUNDS,
+    COLOURS,
+    HELD_OUT_PAIRS,
+    POSITIONS,
+    RELATIONS,
+    SHAPES,
+    SIZES,
+    WORDS,
+    Scene,
+    allowed_pairs,
+    contrasts,
+    make_count,
+    make_object,
+    make_relation,
+    make_sign,
+    random_sign_text,
 )
 
 CATEGORIES = ("position", "colour", "shape", "size", "count", "relation", "background", "sign_word", "sign_random",
@@ -85,7 +99,7 @@ def _scene(category: str, k: int, rng: random.Random, width: int, height: int) -
                      frozenset({"colour", "shape", "relation"}), objects, RELATIONS[k % len(RELATIONS)])
     if category in ("sign_word", "sign_random"):
         text = (WORDS[k % len(WORDS)] if category == "sign_word"
-                else "".join(rng.choices(LETTERS, k=2 + (k + 1) % 4)))
+                else random_sign_text(rng, 2 + (k + 1) % 4))
         background = rng.choice(tuple(BACKGROUNDS))
         sign = make_sign(rng, width, height, text, background)
         return Scene("sign", width, height, background, frozenset({"text"}), sign=sign)

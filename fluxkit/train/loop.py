@@ -129,8 +129,7 @@ class RunFolder:
                                  f"{sorted(RESUMABLE_CHANGES)} may change between sessions")
         dist.barrier()  # every rank has read the old config before rank 0 rewrites it
         if dist.is_main:
-            run.samples.mkdir(parents=True, exist_ok=True)
-            run.checkpoints.mkdir(exist_ok=True)
+            run.root.mkdir(parents=True, exist_ok=True)
             atomic_write_text(saved, json.dumps(cfg.to_dict(), indent=2))
         dist.barrier()
         return run
@@ -312,7 +311,7 @@ def train(task: Task, cfg: TrainConfig, run: RunFolder, dist: Dist, *, max_minut
             stop = dist.any(time.monotonic() > deadline or stop_signal.raised)
             if dist.is_main:
                 bar.update(1)
-                bar.set_postfix(loss=f"{logged['loss']:.4f}", lr=f"{lr:.2e}")
+                bar.set_postfix(loss=f"{logged['loss']:.4g}", lr=f"{lr:.2e}")
                 run.log({"step": step, "lr": lr, **logged})
                 if step % tc.plot_every == 0:
                     plot_losses(history, run.root / "loss.png", f"{cfg.name} ({cfg.stage})")
