@@ -8,7 +8,7 @@ Two policies, both deciding from cheap signals computed at the start of each for
   whole block stack is skipped and its last residual reused.
 
 A cache holds per-context state ("cond" / "uncond" for true CFG) and counts calls and skips. `reset()` runs before
-each generation, so a cache never leaks between images.
+each generation, so cached tensors never leak between images; `stats()` counts over the cache's lifetime.
 """
 
 from __future__ import annotations
@@ -55,8 +55,8 @@ class StepCache:
             raise ValueError(f"cache threshold must be >= 0, got {self.config.threshold}")
 
     def reset(self) -> None:
+        """Forget cached tensors (before each generation); the call counters keep accumulating."""
         self._states.clear()
-        self.calls = self.skipped = 0
         self.context = "cond"
 
     @property

@@ -38,33 +38,40 @@ def test_disabled_cache_is_exact(pipe):
     assert np.array_equal(_run(pipe), ref)
 
 
-# A random network's output moves a lot between steps (relative changes 0.4-1.4), so these thresholds are far above
-# what a trained model uses; the trained-model trade-off is measured in benchmarks/step_cache.py.
+def _model_inputs(seed=0):
+    from fluxkit.model import Flux
+    from fluxkit.params import TEST_FLUX
+    from fluxkit.sampling import image_ids, text_ids
+
+    torch.manual_seed(seed)
+    model = Flux(TEST_FLUX).eval()
+    args = (
+        torch.randn(1, 12, 64),
+        image_ids(1, 3, 4),
+        torch.randn(1, 5, 48),
+        text_ids(1, 5),
+        torch.tensor([0.5]),
+        torch.randn(1, 32),
+        torch.tensor([3.5]),
+    )
+    return model, args
+
+
 @pytest.mark.parametrize(
-    "config",
-    [FirstBlockCacheConfig(threshold=1.0), TeaCacheConfig(1.0, coefficients=(1.0, 0.0))],
-    ids=["fbcache", "teacache"],
+    "config", [FirstBlockCacheConfig(threshold=0.05), TeaCacheConfig(threshold=0.4)], ids=["fbcache", "teacache"]
 )
-def test_cache_skips_calls_and_stays_close(pipe, config):
-    ref = _run(pipe)
-    other_seed = pipe(
-        "a red circle above a blue square",
-        height=32,
-        width=48,
-        num_inference_steps=12,
-        output_type="np",
-        generator=torch.Generator().manual_seed(1),
-    ).images
-    cache = pipe.transformer.enable_cache(config)
-    try:
-        out = _run(pipe)
-        stats = cache.stats()
-        assert stats["calls"] == 12 and stats["skipped"] > 0, stats
-        assert 0 < np.abs(out - ref).mean() < 0.5 * np.abs(other_seed - ref).mean()
-        again = _run(pipe)  # the cache resets per generation: same result twice
-        assert np.array_equal(out, again)
-    finally:
-        pipe.transformer.disable_cache()
+@torch.no_grad()
+def test_unchanged_input_is_served_from_the_cache(config):
+    model, args = _model_inputs()
+    full = model(*args)
+    cache = model.enable_cache(config)
+    first = model(*args)  # computes and fills the cache
+    second = model(*args)  # same signal: skipped, cached residual reused
+    assert cache.stats() == {"calls": 2, "full": 1, "skipped": 1, "call_ratio": 2.0}
+    assert torch.equal(first, full) and torch.allclose(second, full, atol=1e-6)
+    moved = (args[0] + 0.5 * torch.randn_like(args[0]),) + args[1:]  # a big change: recomputed
+    assert torch.allclose(model(*moved), (model.disable_cache(), model(*moved))[1], atol=1e-6)
+    assert cache.stats()["skipped"] == 1
 
 
 def test_cache_with_true_cfg_keeps_contexts_apart(pipe):

@@ -119,4 +119,4 @@ def remove_instruction(scene: Scene, index: int, rng: random.Random) -> str:
 def move_instruction(scene: Scene, index: int, position: str, rng: random.Random) -> str:
     ref = _refer(scene, index, all_of_them=False)
     where = MOVE_TARGETS[position]
-    return rng.choice((f"move {ref} to {where}", f"shift {ref} to {where}", f"place {ref} at {where}"))
+    return rng.choice((f"move {ref} to {where}", f"shift {ref} to {where}", f"drag {ref} to {where}"))

@@ -47,6 +47,7 @@ WORDS = ("OPEN", "STOP", "EXIT", "SALE", "CAFE", "HOTEL", "BAR", "BANK", "TAXI",
          "GAS", "INN", "ZOO", "BOOK", "MILK", "FISH", "PIZZA", "HELLO", "LOVE", "HOME", "FREE", "WAIT", "PUSH",
          "PULL", "YES", "NO", "GO", "MENU", "BREAD")
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+RANDOM_LETTERS = "ABCDEFGHJKLMNPRSTUVWXYZ"  # licence-plate style: no I, O, Q, the letters misread out of context
 HELD_OUT_PAIRS = frozenset({("purple", "star"), ("orange", "triangle"), ("pink", "square"), ("green", "circle")})
 IMAGE_SIZES = ((128, 128), (160, 96), (96, 160))  # (width, height)
 MIN_CONTRAST = 110.0  # RGB distance an object (or board) keeps from what it is drawn on
@@ -161,8 +162,9 @@ def make_object(rng: random.Random, width: int, height: int, shape: str, colour:
                 extent: float | None = None) -> SceneObject:
     """Place one object; with `position` its centre lies well inside that grid cell (a 15% inset). `extent`
     (pixels) keeps a given object's exact size, e.g. when moving it."""
-    if size not in SIZES:
-        raise ValueError(f"size must be one of {tuple(SIZES)}, got {size!r}")
+    for name, value, vocab in (("shape", shape, SHAPES), ("colour", colour, COLOURS), ("size", size, SIZES)):
+        if value not in vocab:
+            raise ValueError(f"{name} must be one of {tuple(vocab)}, got {value!r}")
     extent = rng.uniform(*SIZES[size]) * min(width, height) if extent is None else extent
     hw, hh = shape_half_extents(shape, extent)
     xs, ys = (0.0, float(width)), (0.0, float(height))
@@ -244,14 +246,8 @@ def make_sign(rng: random.Random, width: int, height: int, text: str, background
 
 
 def random_sign_text(rng: random.Random, length: int) -> str:
-    """Random uppercase letters, never 'II': two bare strokes side by side are ambiguous even to a human reader
-    (tesseract reads 'H', 'U' or one 'I')."""
-    text = ""
-    while len(text) < length:
-        letter = rng.choice(LETTERS)
-        if not (letter == "I" and text.endswith("I")):
-            text += letter
-    return text
+    """Random letters from RANDOM_LETTERS (without a dictionary, OCR cannot tell a bare 'I' stroke from noise)."""
+    return "".join(rng.choices(RANDOM_LETTERS, k=length))
 
 
 @lru_cache(maxsize=64)
@@ -383,11 +379,14 @@ def _optional(rng: random.Random, kind: str, odds: dict[str, float]) -> frozense
 
 def sample_scene(rng: random.Random, width: int, height: int, kinds: tuple[str, ...] = KINDS,
                  pairs: str = "train") -> Scene:
-    """A random scene. `pairs="train"` never draws a HELD_OUT_PAIRS (colour, shape); "held_out" draws only them."""
+    """A random scene of a kind drawn uniformly from `kinds` (repeat a kind to weight it). `pairs="train"` never
+    draws a HELD_OUT_PAIRS (colour, shape), "held_out" draws only them, "any" draws both."""
     if not isinstance(rng, random.Random):
         raise ValueError(f"rng must be a random.Random, got {type(rng).__name__}")
     if not kinds or any(k not in KINDS for k in kinds):
         raise ValueError(f"kinds must be a non-empty subset of {KINDS}, got {kinds!r}")
+    if pairs not in PAIR_MODES:
+        raise ValueError(f"pairs must be one of {PAIR_MODES}, got {pairs!r}")
     if pairs == "held_out" and "sign" in kinds:
         raise ValueError("pairs='held_out' applies to object scenes; remove 'sign' from kinds")
     kind = rng.choice(kinds)
@@ -431,7 +430,8 @@ def edit_recolor(scene: Scene, rng: random.Random, index: int | None = None, col
     """Give one object a new colour (in a count scene all of them: they stay identical)."""
     i = _edit_target(scene, rng, index)
     old = scene.objects[i]
-    allowed = [c for c, s in allowed_pairs(pairs, scene.background) if s == old.shape and c != old.colour]
+    taken = {o.colour for o in scene.objects}  # keep objects distinguishable by colour
+    allowed = [c for c, s in allowed_pairs(pairs, scene.background) if s == old.shape and c not in taken]
     colour = rng.choice(allowed) if colour is None else colour
     if colour not in allowed:
         raise ValueError(f"colour {colour!r} not allowed for a {old.shape} on {scene.background!r} here: {allowed}")
@@ -446,11 +446,11 @@ def edit_remove(scene: Scene, rng: random.Random, index: int | None = None) -> t
     if len(scene.objects) < 2:
         raise ValueError(f"edit_remove needs at least 2 objects, the scene has {len(scene.objects)}")
     objects = scene.objects[:i] + scene.objects[i + 1:]
-    new = replace(scene, objects=objects)
     if scene.kind == "relation":
         stated = frozenset({"colour", "shape"} | (scene.stated & {"background"}))
-        new = replace(scene, kind="single", objects=objects, relation=None, stated=stated)
-    return new, remove_instruction(scene, i, rng)
+        return (replace(scene, kind="single", objects=objects, relation=None, stated=stated),
+                remove_instruction(scene, i, rng))
+    return replace(scene, objects=objects), remove_instruction(scene, i, rng)
 
 
 def edit_move(scene: Scene, rng: random.Random, index: int | None = None,
@@ -493,6 +493,8 @@ class SceneDataset:
             if w % 16 or h % 16 or w <= 0 or h <= 0:
                 raise ValueError(f"sizes must be (width, height) positive multiples of 16, got {(w, h)}")
         allowed_pairs(pairs, "white")  # validates `pairs`
+        if not kinds or any(k not in KINDS for k in kinds):
+            raise ValueError(f"kinds must be a non-empty subset of {KINDS}, got {kinds!r}")
         self.seed, self.n, self.sizes, self.kinds, self.pairs = seed, n, tuple(sizes), tuple(kinds), pairs
 
     def __len__(self) -> int:

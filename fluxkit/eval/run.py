@@ -4,13 +4,11 @@ The generator is a callable supplied by the caller, `generate(prompts, seeds) ->
 prompt, of the suite's size), so this module knows nothing about models. `score_ground_truth` feeds the scenes' own
 renders through the same path: the checker's ceiling, and a self-test.
 
-CLI (ground truth only; a model is evaluated by calling `run_eval` with its generate function):
-    python -m fluxkit.eval.run --quick --out runs/eval-gt
+The command line is `fluxkit eval` (fluxkit/eval/cli.py).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import tempfile
@@ -23,7 +21,7 @@ from PIL import Image
 
 from fluxkit.data.scenes import render
 from fluxkit.eval.checker import CheckResult, check
-from fluxkit.eval.suite import EvalItem, build_suite
+from fluxkit.eval.suite import EvalItem
 
 Generate = Callable[[list[str], list[int]], list[Image.Image]]
 
@@ -34,6 +32,7 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
     os.close(handle)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
@@ -54,7 +53,8 @@ def summarize(items: Sequence[EvalItem], results: Sequence[CheckResult]) -> dict
                 checks.setdefault(check_name, []).append(ok)
         accuracies = [results[i].char_accuracy for i in idx if results[i].char_accuracy is not None]
         summary[name] = {
-            "n": len(idx), "pass_rate": float(np.mean([results[i].passed for i in idx])),
+            "n": len(idx),
+            "pass_rate": float(np.mean([results[i].passed for i in idx])),
             "checks": {c: float(np.mean(v)) for c, v in sorted(checks.items())},
             "char_accuracy": float(np.mean(accuracies)) if accuracies else None,
         }
@@ -86,15 +86,20 @@ def save_grid(images: Sequence[Image.Image], results: Sequence[CheckResult], pat
     _atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
 
 
-def _evaluate(images_for: Callable[[list[EvalItem]], list[Image.Image]], suite: Sequence[EvalItem],
-              out_dir: str | Path | None, batch_size: int, log: Callable[[str], None]) -> dict:
+def _evaluate(
+    images_for: Callable[[list[EvalItem]], list[Image.Image]],
+    suite: Sequence[EvalItem],
+    out_dir: str | Path | None,
+    batch_size: int,
+    log: Callable[[str], None],
+) -> dict:
     if not suite:
         raise ValueError("suite is empty")
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     images, results, seconds = [], [], 0.0
     for start in range(0, len(suite), batch_size):
-        batch = list(suite[start:start + batch_size])
+        batch = list(suite[start : start + batch_size])
         t0 = time.perf_counter()
         produced = images_for(batch)
         seconds += time.perf_counter() - t0
@@ -109,44 +114,47 @@ def _evaluate(images_for: Callable[[list[EvalItem]], list[Image.Image]], suite: 
     summary = summarize(suite, results)
     summary["overall"]["seconds_per_image"] = seconds / len(suite)
     log(format_table(summary))
+    log(f"generation: {seconds / len(suite):.3f} s/image")
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        per_item = [{"id": it.id, "category": it.category, "prompt": it.prompt, "seed": it.seed,
-                     "size": [it.scene.width, it.scene.height], "passed": r.passed, "checks": r.checks,
-                     "text_read": r.text_read, "char_accuracy": r.char_accuracy, "notes": r.notes}
-                    for it, r in zip(suite, results, strict=True)]
+        per_item = [
+            {
+                "id": it.id,
+                "category": it.category,
+                "prompt": it.prompt,
+                "seed": it.seed,
+                "size": [it.scene.width, it.scene.height],
+                "passed": r.passed,
+                "checks": r.checks,
+                "text_read": r.text_read,
+                "char_accuracy": r.char_accuracy,
+                "notes": r.notes,
+            }
+            for it, r in zip(suite, results, strict=True)
+        ]
         payload = json.dumps({"summary": summary, "items": per_item}, indent=1)
         _atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(payload))
         save_grid(images, results, out / "grid.png")
     return summary
 
 
-def run_eval(generate: Generate, suite: Sequence[EvalItem], out_dir: str | Path | None = None,
-             batch_size: int = 16, log: Callable[[str], None] = print) -> dict:
+def run_eval(
+    generate: Generate,
+    suite: Sequence[EvalItem],
+    out_dir: str | Path | None = None,
+    batch_size: int = 16,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Generate every suite item's image (in batches), check it, report. Returns the summary dict
     ({category or "overall": {n, pass_rate, checks, char_accuracy}}); writes results.json and grid.png to out_dir."""
-    return _evaluate(lambda batch: generate([it.prompt for it in batch], [it.seed for it in batch]),
-                     suite, out_dir, batch_size, log)
+    return _evaluate(
+        lambda batch: generate([it.prompt for it in batch], [it.seed for it in batch]), suite, out_dir, batch_size, log
+    )
 
 
-def score_ground_truth(suite: Sequence[EvalItem], out_dir: str | Path | None = None,
-                       log: Callable[[str], None] = print) -> dict:
+def score_ground_truth(
+    suite: Sequence[EvalItem], out_dir: str | Path | None = None, log: Callable[[str], None] = print
+) -> dict:
     """The suite scored on the generator's own renders of each spec (the checker's ceiling)."""
-    return _evaluate(lambda batch: [Image.fromarray(render(it.scene).image) for it in batch],
-                     suite, out_dir, 64, log)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Score the evaluation suite on ground-truth renders.")
-    parser.add_argument("--quick", action="store_true", help="4 prompts per category instead of ~15")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="generation seeds per prompt")
-    parser.add_argument("--size", type=int, nargs=2, default=[128, 128], metavar=("WIDTH", "HEIGHT"))
-    parser.add_argument("--out", type=Path, default=None, help="folder for results.json and grid.png")
-    args = parser.parse_args(argv)
-    suite = build_suite(quick=args.quick, seeds=tuple(args.seeds), size=tuple(args.size))
-    score_ground_truth(suite, args.out)
-
-
-if __name__ == "__main__":
-    main()
+    return _evaluate(lambda batch: [Image.fromarray(render(it.scene).image) for it in batch], suite, out_dir, 64, log)

@@ -1,0 +1,207 @@
+"""The procedural scene generator: determinism, vocabulary, captions, masks, sizes and edits."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from fluxkit.data import scenes
+from fluxkit.data.captions import caption
+from fluxkit.data.scenes import (
+    BACKGROUNDS,
+    COLOURS,
+    HELD_OUT_PAIRS,
+    IMAGE_SIZES,
+    KINDS,
+    POSITIONS,
+    RELATIONS,
+    SHAPES,
+    SIZES,
+    WORDS,
+    Scene,
+    SceneDataset,
+    edit_move,
+    edit_recolor,
+    edit_remove,
+    make_object,
+    render,
+    sample_scene,
+)
+
+
+def _scenes(n: int, seed: int = 0, **kwargs) -> list[Scene]:
+    rng = random.Random(seed)
+    return [sample_scene(rng, *IMAGE_SIZES[i % 3], **kwargs) for i in range(n)]
+
+
+def test_dataset_items_are_deterministic_and_order_independent():
+    a, b = SceneDataset(seed=7, n=12), SceneDataset(seed=7, n=12)
+    for i in (11, 3, 0, 3):  # any access order
+        x, y = a[i], b[i]
+        assert np.array_equal(x.image, y.image) and x.caption == y.caption and x.scene == y.scene
+    other = SceneDataset(seed=8, n=12)
+    assert [a[i].caption for i in range(12)] != [other[i].caption for i in range(12)]
+    with pytest.raises(IndexError):
+        a[12]
+
+
+def test_training_sampler_never_draws_held_out_pairs():
+    train = _scenes(3000, seed=1, kinds=("single", "count", "relation"))
+    pairs = Counter((o.colour, o.shape) for s in train for o in s.objects)
+    assert not set(pairs) & HELD_OUT_PAIRS
+    assert len(pairs) == len(COLOURS) * len(SHAPES) - len(HELD_OUT_PAIRS)  # every other pair does appear
+    held = _scenes(200, seed=2, kinds=("single", "count", "relation"), pairs="held_out")
+    assert {(o.colour, o.shape) for s in held for o in s.objects} == set(HELD_OUT_PAIRS)
+
+
+def test_every_vocabulary_item_appears():
+    sample = _scenes(3000, seed=3)
+    objects = [o for s in sample for o in s.objects]
+    assert {o.colour for o in objects} == set(COLOURS)
+    assert {o.shape for o in objects} == set(SHAPES)
+    assert {o.size for o in objects} == set(SIZES)
+    assert {o.position for o in objects} == set(POSITIONS)
+    assert {s.background for s in sample} == set(BACKGROUNDS)
+    assert {s.kind for s in sample} == set(KINDS)
+    assert {s.relation for s in sample if s.relation} == set(RELATIONS)
+    assert {len(s.objects) for s in sample if s.kind == "count"} == {1, 2, 3}
+    texts = [s.sign.text for s in sample if s.sign]
+    assert set(WORDS) <= set(texts) and any(t not in WORDS for t in texts)
+    assert {len(t) for t in texts} == {2, 3, 4, 5}
+
+
+def test_captions_vary_and_state_what_the_scene_says():
+    for scene in _scenes(40, seed=4):
+        captions = {caption(scene, random.Random(k)) for k in range(30)}
+        assert len(captions) >= 3, captions
+        for text in captions:
+            if scene.sign:
+                assert scene.sign.text in text
+            else:
+                assert all(o.colour in text and o.shape in text for o in scene.objects)
+            assert (scene.background in text) == ("background" in scene.stated)
+    relation = next(s for s in _scenes(50, seed=5, kinds=("relation",)) if s.relation == "above")
+    both = {caption(relation, random.Random(k)) for k in range(40)}
+    assert any("above" in t or "over" in t for t in both) and any("below" in t or "under" in t for t in both)
+
+
+def _closer(pixels: np.ndarray, rgb, other) -> bool:
+    """Every pixel is at least as close to colour `rgb` as to `other` (coverage >= 50%)."""
+    pixels = pixels.astype(float)
+    return bool((np.linalg.norm(pixels - rgb, axis=-1) <= np.linalg.norm(pixels - other, axis=-1) + 1e-6).all())
+
+
+def test_masks_match_pixels():
+    for scene in _scenes(60, seed=6):
+        result = render(scene)
+        image, bg = result.image, BACKGROUNDS[scene.background]
+        layers = [(m, COLOURS[o.colour], bg) for m, o in zip(result.masks, scene.objects, strict=True)]
+        if scene.sign:
+            board = scenes.PALETTE[scene.sign.board]
+            away = result.board_mask & ~ndimage.binary_dilation(result.text_mask, iterations=2)
+            layers += [(away, board, bg), (result.text_mask, scenes.PALETTE[scene.sign.ink], board)]
+        for mask, rgb, under in layers:
+            inside = ndimage.binary_erosion(mask, iterations=2)  # away from anti-aliased edges and star corners
+            assert mask.any() and _closer(image[mask], rgb, under)
+            if mask is not result.text_mask:  # letter strokes are too thin to have a fully covered interior
+                assert inside.any() and (image[inside] == rgb).all()
+        covered = np.zeros(image.shape[:2], bool)
+        for mask in [*result.masks, *([result.board_mask] if scene.sign else [])]:
+            covered |= ndimage.binary_dilation(mask, iterations=2)
+        assert (image[~covered] == bg).all()
+        edges = result.edges()
+        assert edges.any() and not edges[~covered].any()
+
+
+def test_circle_mask_area_matches_geometry():
+    obj = make_object(random.Random(0), 160, 96, "circle", "red", "large", "center")
+    mask = render(Scene("single", 160, 96, "white", frozenset({"colour", "shape"}), (obj,))).masks[0]
+    assert abs(mask.sum() / (np.pi * obj.extent**2 / 4) - 1) < 0.03
+
+
+@pytest.mark.parametrize("size", IMAGE_SIZES)
+def test_non_square_sizes_render_inside_the_frame(size):
+    width, height = size
+    rng = random.Random(9)
+    for _ in range(30):
+        scene = sample_scene(rng, width, height)
+        result = render(scene)
+        assert result.image.shape == (height, width, 3) and result.image.dtype == np.uint8
+        for obj, mask in zip(scene.objects, result.masks, strict=True):
+            ys, xs = np.nonzero(mask)
+            assert xs.min() > 0 and ys.min() > 0 and xs.max() < width - 1 and ys.max() < height - 1
+            centre = ((xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2)
+            assert np.allclose(centre, obj.centre, atol=1.0)
+            assert scenes.position_of(*obj.centre, width, height) == obj.position
+
+
+def _changed(before: Scene, after: Scene) -> np.ndarray:
+    return (render(before).image != render(after).image).any(-1)
+
+
+def _box(scene: Scene, obj) -> np.ndarray:
+    """(H, W) bool: the object's bbox grown to whole pixels (anti-aliased edges may tint any pixel it touches)."""
+    x0, y0, x1, y1 = obj.bbox
+    box = np.zeros((scene.height, scene.width), bool)
+    box[int(y0):int(np.ceil(y1)), int(x0):int(np.ceil(x1))] = True
+    return box
+
+
+def test_edits_change_only_what_they_say():
+    rng = random.Random(10)
+    relations = _scenes(20, seed=11, kinds=("relation",))
+    for scene in relations:
+        old = render(scene)
+        new, text = edit_recolor(scene, rng, index=0)
+        assert new.objects[0].colour != scene.objects[0].colour and new.objects[0].colour in text
+        assert new.objects[1] == scene.objects[1]
+        changed = _changed(scene, new)
+        assert changed.sum() >= old.masks[0].sum() and not changed[~_box(scene, scene.objects[0])].any()
+
+        new, text = edit_remove(scene, rng, index=1)
+        assert new.kind == "single" and new.objects == scene.objects[:1] and text.startswith(("remove", "delete",
+                                                                                                "take", "erase"))
+        gone = render(new).image[old.masks[1]]
+        assert np.array_equal(gone, np.broadcast_to(BACKGROUNDS[scene.background], gone.shape))
+        assert not _changed(scene, new)[~_box(scene, scene.objects[1])].any()
+
+        new, text = edit_move(scene, rng, index=0)
+        moved, kept = new.objects[0], new.objects[1]
+        assert kept == scene.objects[1] and moved.extent == scene.objects[0].extent
+        assert moved.position != scene.objects[0].position and new.relation == scenes.relation_of(moved, kept)
+        assert not _changed(scene, new)[~(_box(scene, scene.objects[0]) | _box(new, moved))].any()
+
+
+def test_edit_errors_are_precise():
+    single = _scenes(1, seed=12, kinds=("single",))[0]
+    with pytest.raises(ValueError, match="at least 2 objects"):
+        edit_remove(single, random.Random(0))
+    with pytest.raises(ValueError, match="index 3 out of range"):
+        edit_recolor(single, random.Random(0), index=3)
+    held_colour = next(c for c, s in HELD_OUT_PAIRS if s == single.objects[0].shape)
+    if held_colour != single.objects[0].colour:
+        with pytest.raises(ValueError, match="not allowed"):
+            edit_recolor(single, random.Random(0), colour=held_colour)
+
+
+def test_count_edits_keep_the_objects_identical():
+    count = next(s for s in _scenes(40, seed=13, kinds=("count",)) if len(s.objects) == 3)
+    recoloured, text = edit_recolor(count, random.Random(0))
+    assert len({o.colour for o in recoloured.objects}) == 1 and "three" in text
+    fewer, text = edit_remove(count, random.Random(0))
+    assert len(fewer.objects) == 2 and "one of the" in text
+
+
+def test_invalid_scene_and_arguments_raise():
+    with pytest.raises(ValueError, match="colour"):
+        make_object(random.Random(0), 128, 128, "circle", "teal", "small")
+    with pytest.raises(ValueError, match="multiples of 16"):
+        sample_scene(random.Random(0), 100, 128)
+    with pytest.raises(ValueError, match="rng must be a random.Random"):
+        sample_scene(np.random.default_rng(0), 128, 128)
+    with pytest.raises(ValueError, match="stated"):
+        Scene("single", 128, 128, "white", frozenset({"colour"}), _scenes(1, kinds=("single",))[0].objects)
