@@ -10,7 +10,19 @@ from pathlib import Path
 
 ASPECT_RATIOS = ("1:1", "16:9", "9:16", "4:3", "3:4", "3:2", "2:3", "21:9", "9:21")
 # Parameters stored in each image and restored by --from-image (CLI dest names).
-REPLAYED = ("model", "transformer", "negative_prompt", "width", "height", "steps", "guidance", "true_cfg", "dtype")
+REPLAYED = (
+    "model",
+    "transformer",
+    "quantize",
+    "lora",
+    "negative_prompt",
+    "width",
+    "height",
+    "steps",
+    "guidance",
+    "true_cfg",
+    "dtype",
+)
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
@@ -20,7 +32,18 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model", help="built-in name, local folder or Hugging Face repo id (default: fluxkit-tiny-schnell)"
     )
-    p.add_argument("--transformer", help="a single-file transformer (BFL safetensors) replacing the model's own")
+    p.add_argument(
+        "--transformer", help="a single-file transformer replacing the model's own (BFL or fp8 safetensors, GGUF)"
+    )
+    p.add_argument(
+        "--quantize", help="quantize the transformer's weights: int8, fp8, fp8_channel, q8_0, q4_0, q4_k, ..."
+    )
+    p.add_argument(
+        "--lora",
+        action="append",
+        metavar="PATH[:SCALE]",
+        help="a LoRA file, folder or Hub repo, with an optional weight (default 1); repeatable",
+    )
     p.add_argument("--negative-prompt", help="negative prompt (used with --true-cfg > 1)")
     p.add_argument("--width", type=int)
     p.add_argument("--height", type=int)
@@ -169,6 +192,8 @@ def run(args) -> int:
                 "seed": seed,
                 "model": model_name,
                 "transformer": args.transformer,
+                "quantize": args.quantize,
+                "lora": args.lora,
                 "negative_prompt": args.negative_prompt,
                 "width": width,
                 "height": height,
@@ -208,7 +233,28 @@ def _load(args, device, dtype):
         name = DEFAULT_MODEL
     if args.quiet:
         _silence_loading()
-    return FluxPipeline.from_pretrained(name, torch_dtype=dtype, device=device, transformer=args.transformer), name
+    pipe = FluxPipeline.from_pretrained(
+        name, torch_dtype=dtype, device=device, transformer=args.transformer, quantize=args.quantize
+    )
+    loras = [_lora_spec(spec) for spec in args.lora or ()]
+    for i, (path, _) in enumerate(loras):
+        report = pipe.load_lora_weights(path, adapter_name=f"lora_{i}")
+        if not args.quiet:
+            print(report, file=sys.stderr)
+    if loras:  # all active at once, each with its weight
+        pipe.set_adapters([f"lora_{i}" for i in range(len(loras))], [weight for _, weight in loras])
+    return pipe, name
+
+
+def _lora_spec(spec: str) -> tuple[str, float]:
+    """--lora PATH[:SCALE] -> (PATH, SCALE); SCALE defaults to 1."""
+    path, sep, scale = spec.rpartition(":")
+    if sep and path:
+        try:
+            return path, float(scale)
+        except ValueError:
+            pass  # the colon belongs to the path (C:\...)
+    return spec, 1.0
 
 
 def _silence_loading() -> None:

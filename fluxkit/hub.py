@@ -120,11 +120,17 @@ def _locate(name_or_path) -> Path:
 
 
 def _transformer_override(transformer, base_params: FluxParams | None, dtype):
-    from .loading import load_flux_transformer
+    """A module, or a single file: BFL/diffusers safetensors, int8/fp8 (ComfyUI "scaled fp8" too) or GGUF.
+
+    The file's sizes are read from its tensors (it may be another variant than the base, e.g. Fill on a dev base);
+    the base only supplies the RoPE axes, which tensors cannot reveal for non-FLUX.1 head sizes.
+    """
+    from .quant import load_quantized_transformer
 
     if isinstance(transformer, torch.nn.Module):
         return transformer.to(dtype=dtype)
-    return load_flux_transformer(transformer, params=base_params, dtype=dtype)
+    axes = base_params.axes_dim if base_params is not None else None
+    return load_quantized_transformer(transformer, dtype=dtype, axes_dim=axes)
 
 
 def _load_native(folder: Path, dtype, transformer, vae, text_encoder):
@@ -161,7 +167,11 @@ def _load_diffusers(folder: Path, dtype, transformer, vae, text_encoder):
     from .pipeline import SchedulerConfig
 
     if transformer is not None:
-        model = _transformer_override(transformer, None, dtype)
+        from .loading import flux_params_from_diffusers_config
+
+        config = folder / "transformer" / "config.json"
+        base = flux_params_from_diffusers_config(json.loads(config.read_text())) if config.is_file() else None
+        model = _transformer_override(transformer, base, dtype)
     else:
         model = load_flux_transformer(folder / "transformer", dtype=dtype)
     ae = vae if vae is not None else load_autoencoder(folder / "vae", dtype=dtype)

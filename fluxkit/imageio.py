@@ -37,11 +37,18 @@ def save_image(
     try:
         with os.fdopen(fd, "wb") as f:
             image.save(f, format=FORMATS[fmt], **kwargs)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def read_params(path: str | Path) -> dict:

@@ -203,12 +203,13 @@ def _build_and_load(cls: type[nn.Module], params: object, sd: StateDict, dtype: 
     return (model if dtype is None else model.to(dtype)).eval()
 
 
-def _flux_from(sd: StateDict, config: dict | None, params: FluxParams | None, dtype, name: str) -> Flux:
+def _flux_from(sd: StateDict, config: dict | None, params: FluxParams | None, dtype, name: str,
+               axes_dim: tuple[int, ...] | None = None) -> Flux:
     try:
         if detect_network(sd) != "transformer":
             raise ValueError("it holds an autoencoder, not a transformer")
         if params is None:
-            params = flux_params_from_diffusers_config(config) if config else flux_params_from_state_dict(sd)
+            params = flux_params_from_diffusers_config(config) if config else flux_params_from_state_dict(sd, axes_dim)
         if detect_layout(sd) == "diffusers":
             sd = transformer_diffusers_to_bfl(sd, params)
         check_state_dict(sd, expected_bfl_shapes(params), "transformer checkpoint")
@@ -233,14 +234,15 @@ def _autoencoder_from(sd: StateDict, config: dict | None, params: AutoEncoderPar
 
 
 def load_flux_transformer(source: Source, params: FluxParams | None = None, dtype: torch.dtype | None = None,
-                          device: str | torch.device = "cpu") -> Flux:
+                          device: str | torch.device = "cpu", axes_dim: tuple[int, ...] | None = None) -> Flux:
     """A BFL single file, a diffusers `transformer/` folder or a state dict -> Flux in eval mode.
 
     Params: `params` if given, else the folder's config.json, else read from the tensor shapes. Every key and shape
     is checked before loading (CheckpointError lists the differences); dtype=None keeps the checkpoint's dtype.
+    `axes_dim` helps the shape inference for head sizes other than FLUX.1's 128 (e.g. from a base model's config).
     """
     sd, config, name = _read_source(source, device)
-    return _flux_from(sd, config, params, dtype, name)
+    return _flux_from(sd, config, params, dtype, name, axes_dim)
 
 
 def load_autoencoder(source: Source, params: AutoEncoderParams | None = None, dtype: torch.dtype | None = None,
@@ -365,7 +367,9 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `fluxkit convert SRC DST --to {bfl,diffusers}`; sets `run` (cli.py's convention)."""
     parser.add_argument("src", help="BFL .safetensors file or diffusers transformer/ or vae/ folder")
     parser.add_argument("dst", help="output .safetensors file (--to bfl) or folder (--to diffusers)")
-    parser.add_argument("--to", required=True, choices=("bfl", "diffusers"))
+    parser.add_argument("--to", required=True, choices=("bfl", "diffusers", "gguf", "int8", "fp8"),
+                        help="bfl file, diffusers folder, GGUF file (--type), or int8/fp8 quantized safetensors")
+    parser.add_argument("--type", default="q8_0", help="GGUF tensor type for --to gguf: q8_0, q4_0, q4_k, q6_k, ...")
     parser.add_argument("--axes-dim", type=lambda s: tuple(int(x) for x in s.split(",")), default=None,
                         help="RoPE axes, e.g. 8,28,28; only for non-FLUX.1 head sizes without a config.json")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
@@ -375,6 +379,16 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_convert(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype) if args.dtype else None
+    if args.to in ("gguf", "int8", "fp8"):
+        from .quant import convert_to_gguf, quantize_model, save_quantized
+
+        params = flux_params_from_state_dict(_read_source(args.src, "cpu")[0], args.axes_dim) if args.axes_dim else None
+        if args.to == "gguf":
+            out = convert_to_gguf(args.src, args.dst, args.type, params=params)
+        else:
+            out = save_quantized(quantize_model(load_flux_transformer(args.src, params=params), args.to), args.dst)
+        print(f"wrote {out}")
+        return 0
     out = convert_checkpoint(args.src, args.dst, args.to, axes_dim=args.axes_dim, dtype=dtype)
     print(f"wrote {out}")
     return 0

@@ -2,16 +2,16 @@
 
 Every format names a module, a role (down/up/bias/alpha) and sometimes a scale; only the naming differs:
 
-| format                 | example key                                                      | names         |
-|------------------------|------------------------------------------------------------------|---------------|
-| diffusers / PEFT       | `transformer.transformer_blocks.0.attn.to_q.lora_A.weight`       | diffusers     |
-| kohya / sd-scripts     | `lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight`        | BFL, `_`      |
-| kohya, diffusers names | `lora_transformer_transformer_blocks_0_attn_to_q.lora_down.weight` | diffusers, `_` |
-| kohya CLIP             | `lora_te1_text_model_encoder_layers_0_self_attn_q_proj.alpha`    | CLIP, `_`     |
-| ComfyUI                | `diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight`  | BFL           |
-| BFL / control LoRA     | `double_blocks.0.img_attn.qkv.lora_B.bias`, `*.norm.query_norm.scale` | BFL      |
-| fal Kontext            | `base_model.model.double_blocks.0.img_attn.qkv.lora_A.weight`    | BFL           |
-| XLabs                  | `double_blocks.0.processor.qkv_lora1.down.weight`                | XLabs         |
+| format                 | example key                                                            | names        |
+|------------------------|------------------------------------------------------------------------|--------------|
+| diffusers / PEFT       | `transformer.transformer_blocks.0.attn.to_q.lora_A.weight`             | diffusers    |
+| kohya / sd-scripts     | `lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight`              | BFL, `_`     |
+| kohya, diffusers names | `lora_transformer_transformer_blocks_0_attn_to_q.lora_down.weight`     | diffusers, _ |
+| kohya CLIP             | `lora_te1_text_model_encoder_layers_0_self_attn_q_proj.alpha`          | CLIP, `_`    |
+| ComfyUI                | `diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight`        | BFL          |
+| BFL / control LoRA     | `double_blocks.0.img_attn.qkv.lora_B.bias`, `*.norm.query_norm.scale`  | BFL          |
+| fal Kontext            | `base_model.model.double_blocks.0.img_attn.qkv.lora_A.weight`          | BFL          |
+| XLabs                  | `double_blocks.0.processor.qkv_lora1.down.weight`                      | XLabs        |
 
 So conversion is: strip a known prefix, split off the role suffix, resolve the module name against tables built from the
 model (never from hard-coded FLUX.1-dev sizes), check every shape, and return `LoraPiece`s. A diffusers name that is one
@@ -39,7 +39,7 @@ from .params import FluxParams
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' safetensors metadata entry: the PEFT LoraConfig as JSON
 Shapes = Mapping[str, tuple[int, int]]  # module name -> (out_features, in_features)
 
-# Longest first: `.lora_down.weight` must win over `.down.weight`.
+# Tensor-name suffix -> role. `.down/.up.weight` are XLabs'; the others are kohya's and PEFT's spellings.
 _ROLES = (
     (".lora_down.weight", "down"), (".lora_A.weight", "down"), (".lora_up.weight", "up"), (".lora_B.weight", "up"),
     (".lora_B.bias", "bias"), (".lora_up.bias", "bias"), (".down.weight", "down"), (".up.weight", "up"),
@@ -76,11 +76,26 @@ class ConvertedLora:
     norm_scales: dict[str, Tensor]  # BFL RMSNorm parameter -> replacement value (control LoRAs)
     unmatched: dict[str, list[str]] = field(default_factory=dict)  # reason -> keys that cannot be applied
     ignored: dict[str, list[str]] = field(default_factory=dict)  # reason -> keys dropped as having no effect
+    examples: dict[str, str] = field(default_factory=dict)  # reason -> the details of its first case
 
     def unmatched_message(self) -> str:
         n = sum(len(keys) for keys in self.unmatched.values())
-        parts = [f"{reason}: {_listing(sorted(keys))}" for reason, keys in self.unmatched.items()]
+        parts = [
+            f"{reason}{f' (e.g. {self.examples[reason]})' if self.examples.get(reason) else ''}: {_listing(keys)}"
+            for reason, keys in self.unmatched.items()
+        ]
         return f"{n} LoRA keys could not be applied ({self.format} format): " + "; ".join(parts)
+
+    def add(self, table: dict[str, list[str]], problem: Problem, keys: list[str]) -> None:
+        table.setdefault(problem.reason, []).extend(keys)
+        self.examples.setdefault(problem.reason, problem.detail)
+
+
+class Problem(NamedTuple):
+    """Why some keys cannot be applied: a reason shared by many keys, and the details of one case."""
+
+    reason: str
+    detail: str = ""
 
 
 class _Target(NamedTuple):
@@ -139,16 +154,16 @@ class _Names:
                                                                        rule.swap_halves)
                 offset += rows
 
-    def resolve(self, namespace: str, module: str) -> _Target | str:
+    def resolve(self, namespace: str, module: str) -> _Target | Problem:
         """The target of `module` in `namespace`, or the reason there is none."""
         if namespace == "t5":
-            return "T5 text-encoder LoRA is not supported (diffusers drops it too)"
+            return Problem("T5 text-encoder LoRA is not supported (diffusers drops it too)")
         if namespace in ("clip", "clip_"):
             if self.clip is None:
-                return "text-encoder LoRA needs a CLIP text encoder, and this pipeline has none"
+                return Problem("text-encoder LoRA needs a CLIP text encoder, and this pipeline has none")
             table = self.clip_names if namespace == "clip" else self.clip_us
             name = table.get(_clip_canonical(module) if namespace == "clip" else module.removeprefix("text_model_"))
-            return self._whole("text_encoder", name, self.clip) if name else f"no such CLIP module ({module})"
+            return self._whole("text_encoder", name, self.clip) if name else Problem("no such CLIP module", module)
         if namespace == "bfl_":
             module = self.bfl_us.get(module, module)
         elif namespace == "diffusers_":
@@ -159,26 +174,27 @@ class _Names:
             return self.diffusers[module]
         if _XLABS.fullmatch(module):
             return self._xlabs(module)
-        return f"no such module in this model ({module})"
+        return Problem("no such module in this model", module)
 
     @staticmethod
     def _whole(component: str, name: str, shapes: Shapes) -> _Target:
         out, n_in = shapes[name]
         return _Target(component, name, 0, out, n_in)
 
-    def _xlabs(self, module: str) -> _Target | str:
+    def _xlabs(self, module: str) -> _Target | Problem:
         """x-flux processors (spec §8.3): lora1 = image stream, lora2 = text stream; qkv adds to the fused qkv."""
         kind, i, what, stream = _XLABS.fullmatch(module).groups()
         if kind == "double":
             s = {"1": "img", "2": "txt"}.get(stream)
             name = f"double_blocks.{i}.{s}_attn.{'qkv' if what == 'qkv' else 'proj'}" if s else ""
-            return self._whole("transformer", name, self.transformer) if name in self.transformer else \
-                f"no such module in this model ({module})"
+            if name not in self.transformer:
+                return Problem("no such module in this model", module)
+            return self._whole("transformer", name, self.transformer)
         if what == "proj":  # x-flux adds proj_lora(linear2(x)) to linear2's *output*: not a LoRA on linear2's input
-            return "x-flux single-block proj_lora acts on linear2's output and is not supported"
+            return Problem("x-flux single-block proj_lora acts on linear2's output and is not supported")
         name = f"single_blocks.{i}.linear1"
         if name not in self.transformer:
-            return f"no such module in this model ({module})"
+            return Problem("no such module in this model", module)
         return _Target("transformer", name, 0, 3 * self.params.hidden_size, self.transformer[name][1])
 
 
@@ -188,12 +204,12 @@ def _clip_canonical(name: str) -> str:
 
 def _split_key(key: str) -> tuple[str, str, str] | None:
     """key -> (namespace, module, role), or None for a tensor kind no LoRA loader applies (DoRA, LoHa, diff ...)."""
-    role = next((r for suffix, r in _ROLES if key.endswith(suffix)), None)
-    if role is None:
+    suffix, role = next(((s, r) for s, r in _ROLES if key.endswith(s)), (None, None))
+    if suffix is None:
         return None
-    stem = key[: key.rindex(next(s for s, r in _ROLES if key.endswith(s) and r == role))]
-    namespace, prefix = next((ns, p) for p, ns in _PREFIXES if stem.startswith(p))
-    return namespace, stem[len(prefix):], role
+    stem = key[: -len(suffix)]
+    prefix, namespace = next((p, ns) for p, ns in _PREFIXES if stem.startswith(p))
+    return namespace, stem[len(prefix) :], role
 
 
 def _norm_param(key: str, names: _Names) -> str | None:
@@ -219,6 +235,7 @@ def convert_lora(
     config = _peft_config(metadata)
     out = ConvertedLora(detect_format(sd), [], {})
     groups: dict[tuple[str, str], dict[str, tuple[str, Tensor]]] = {}
+    conflicts: set[tuple[str, str]] = set()
     for key, tensor in sd.items():
         norm = _norm_param(key, names)
         if norm is not None:
@@ -226,45 +243,49 @@ def convert_lora(
             continue
         parts = _split_key(key)
         if parts is None:
-            _add(out.unmatched, "not a LoRA tensor (DoRA, LoHa/LoKr and full-diff keys are not supported)", [key])
+            out.add(out.unmatched, Problem("not a LoRA tensor (DoRA, LoHa/LoKr and full-diff keys are not supported)"),
+                    [key])
             continue
         group = groups.setdefault(parts[:2], {})
-        if parts[2] in group:
-            _add(out.unmatched, "two tensors for the same role", [key, group[parts[2]][0]])
+        if parts[2] in group:  # e.g. both `.lora_A.weight` and `.lora_down.weight`: which one holds is undecidable
+            out.add(out.unmatched, Problem("two tensors for the same role", parts[1]), [key])
+            conflicts.add(parts[:2])
         group[parts[2]] = (key, tensor)
     if config and any("alpha" in g for g in groups.values()):
         raise ValueError("the LoRA has both `.alpha` keys and lora_adapter_metadata; it is ambiguous which scale holds")
     for (namespace, module), group in groups.items():
         target = names.resolve(namespace, module)
-        problem = target if isinstance(target, str) else _check(group, target)
+        problem = target if isinstance(target, Problem) else _check(group, target)
         keys = [k for k, _ in group.values()]
-        if problem is None:
+        if (namespace, module) in conflicts:
+            out.add(out.unmatched, Problem("two tensors for the same role", module), keys)
+        elif problem is None:
             out.pieces.append(_piece(group, target, _scale(group, target, module, config)))
         elif all(not t.any() for role, (_, t) in group.items() if role != "alpha"):
-            _add(out.ignored, f"all-zero tensors, no effect ({problem})", keys)
+            out.add(out.ignored, Problem(f"all-zero tensors, no effect ({problem.reason})", problem.detail), keys)
         else:
-            _add(out.unmatched, problem, keys)
+            out.add(out.unmatched, problem, keys)
     for name, tensor in out.norm_scales.items():
         if tuple(tensor.shape) != (params.head_dim,):
             raise ValueError(f"norm replacement {name} has shape {tuple(tensor.shape)}, expected ({params.head_dim},)")
     return out
 
 
-def _add(table: dict[str, list[str]], reason: str, keys: list[str]) -> None:
-    table.setdefault(reason, []).extend(keys)
-
-
-def _check(group: dict[str, tuple[str, Tensor]], t: _Target) -> str | None:
+def _check(group: dict[str, tuple[str, Tensor]], t: _Target) -> Problem | None:
     """The reason `group` cannot be applied to `t`, or None. img_in may differ in width (control LoRAs widen it)."""
     if "down" not in group or "up" not in group:
-        return "a LoRA down/A or up/B matrix without its partner"
+        return Problem("a LoRA down/A or up/B matrix without its partner", t.module)
     down, up = group["down"][1], group["up"][1]
     if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
-        return f"down {tuple(down.shape)} and up {tuple(up.shape)} are not a rank-r pair"
+        return Problem("down and up are not a rank-r pair", f"{t.module}: {tuple(down.shape)}, {tuple(up.shape)}")
     if up.shape[0] != t.rows or (down.shape[1] != t.in_features and t.module != "img_in"):
-        return f"shape does not fit this model's {t.module} ({t.rows} rows x {t.in_features} inputs)"
+        return Problem("shape does not fit this model", f"{t.module} takes up [{t.rows}, r] and down [r, "
+                       f"{t.in_features}], got {tuple(up.shape)} and {tuple(down.shape)}")
+    if "alpha" in group and group["alpha"][1].numel() != 1:
+        return Problem("alpha is not a single number", f"{t.module}: shape {tuple(group['alpha'][1].shape)}")
     if "bias" in group and tuple(group["bias"][1].shape) != (t.rows,):
-        return f"lora_B bias of shape {tuple(group['bias'][1].shape)} does not fit {t.rows} rows"
+        bias_shape = tuple(group["bias"][1].shape)
+        return Problem("lora_B bias does not fit", f"{t.module} has {t.rows} rows, bias {bias_shape}")
     return None
 
 
@@ -329,37 +350,47 @@ def to_diffusers(
     `load_lora_weights` reads with the same effect. Fused BFL targets are split into their diffusers row slices."""
     names = _Names(params, {m.module: (m.up.shape[0], m.down.shape[1]) for m in loras
                             if m.component == "transformer"}, None)
-    slices: dict[str, list[tuple[str, int, int, bool]]] = {}
+    slices: dict[str, list[tuple[str, str, int, int, bool]]] = {}
     for dname, t in names.diffusers.items():
-        slices.setdefault(t.module, []).append((dname, t.offset, t.rows, t.swap))
+        slices.setdefault(t.module, []).append((dname, dname, t.offset, t.rows, t.swap))
     sd: dict[str, Tensor] = {}
     ranks: dict[str, dict[str, tuple[int, float]]] = {}
     for m in loras:
         if m.component == "text_encoder":
-            targets = [("text_model." + _clip_canonical(m.module), 0, m.up.shape[0], False)]
+            # Keys keep CLIP's `text_model.` (older transformers need it, newer diffusers strip it); the config names
+            # leave it out, because PEFT matches them as suffixes of whichever module names the CLIP model has.
+            name = _clip_canonical(m.module)
+            targets = [(f"text_model.{name}", name, 0, m.up.shape[0], False)]
         elif m.module in slices:
             targets = slices[m.module]
         else:
             raise ValueError(f"{m.module} has no diffusers counterpart; cannot save this adapter in diffusers format")
         whole_zero = not m.up.any()
-        for name, offset, rows, swap in targets:
+        for key_name, config_name, offset, rows, swap in targets:
             up = _swap_halves(m.up) if swap else m.up
             bias = (_swap_halves(m.bias) if swap else m.bias) if m.bias is not None else None
-            entry = _export_slice(m, up[offset:offset + rows], bias[offset:offset + rows] if bias is not None else None,
-                                  keep_all=whole_zero)
+            bias = bias[offset : offset + rows] if bias is not None else None
+            entry = _export_slice(m, up[offset : offset + rows], bias, keep_all=whole_zero)
             if entry is None:
                 continue
             down, up_i, bias_i, scale = entry
-            sd[f"{m.component}.{name}.lora_A.weight"] = down.contiguous()
-            sd[f"{m.component}.{name}.lora_B.weight"] = up_i.contiguous()
+            prefix = f"{m.component}.{key_name}"
+            sd[f"{prefix}.lora_A.weight"] = down.contiguous()
+            sd[f"{prefix}.lora_B.weight"] = up_i.contiguous()
             if bias_i is not None:
-                sd[f"{m.component}.{name}.lora_B.bias"] = bias_i.contiguous()
-            ranks.setdefault(m.component, {})[name] = (down.shape[0], scale * down.shape[0])
+                sd[f"{prefix}.lora_B.bias"] = bias_i.contiguous()
+            alpha = float(f"{scale * down.shape[0]:.7g}")  # alpha = scale * r, without float32 round-off digits
+            ranks.setdefault(m.component, {})[config_name] = (down.shape[0], alpha)
     reverse = {bfl: dname for dname, bfl in names.norms.items() if dname != bfl}
     for bfl, tensor in (norm_scales or {}).items():
+        if bfl not in reverse:
+            raise ValueError(f"norm replacement {bfl} has no diffusers counterpart")
         sd[f"transformer.{reverse[bfl]}"] = tensor
-    has_bias = {c: any(k.startswith(c + ".") and k.endswith(".bias") for k in sd) for c in ranks}
-    meta = {f"{c}.{k}": v for c, table in ranks.items() for k, v in _lora_config(table, has_bias[c]).items()}
+    meta = {}
+    for c, table in ranks.items():
+        has_bias = any(k.startswith(f"{c}.") and k.endswith(".bias") for k in sd)
+        config = _lora_config(table, has_bias, anchored=c == "transformer")
+        meta.update({f"{c}.{k}": v for k, v in config.items()})
     return sd, {"format": "pt", METADATA_KEY: json.dumps(meta, indent=2, sort_keys=True)}
 
 
@@ -375,15 +406,17 @@ def _export_slice(m: ModuleLora, up: Tensor, bias: Tensor | None, keep_all: bool
     return down * s[:, None].to(down.dtype), up, bias, 1.0  # mixed scales: fold them into A, alpha = r
 
 
-def _lora_config(table: dict[str, tuple[int, float]], lora_bias: bool) -> dict:
-    """A PEFT LoraConfig dict: the most common rank/alpha, exact `^name` patterns for the rest (as diffusers writes)."""
+def _lora_config(table: dict[str, tuple[int, float]], lora_bias: bool, anchored: bool) -> dict:
+    """A PEFT LoraConfig dict: the most common rank/alpha, one pattern per module for the rest (`^name`, exact from the
+    start, as diffusers writes them; unanchored names match as dotted suffixes)."""
     r = Counter(rank for rank, _ in table.values()).most_common(1)[0][0]
     alpha = Counter(a for _, a in table.values()).most_common(1)[0][0]
+    start = "^" if anchored else ""
     return {
         "r": r,
         "lora_alpha": alpha,
-        "rank_pattern": {f"^{n}": rank for n, (rank, _) in table.items() if rank != r},
-        "alpha_pattern": {f"^{n}": a for n, (_, a) in table.items() if a != alpha},
+        "rank_pattern": {f"{start}{n}": rank for n, (rank, _) in table.items() if rank != r},
+        "alpha_pattern": {f"{start}{n}": a for n, (_, a) in table.items() if a != alpha},
         "target_modules": sorted(table),
         "lora_bias": lora_bias,
         "use_dora": False,

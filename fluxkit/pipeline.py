@@ -19,6 +19,7 @@ from torch import Tensor
 
 from . import sampling
 from .autoencoder import AutoEncoder
+from .lora import LoraLoaderMixin
 from .model import Flux
 from .params import ModelSpec
 from .request import Request as _Request
@@ -61,7 +62,7 @@ def _repeat(x: Tensor, n: int) -> Tensor:
     return x.repeat_interleave(n, dim=0)
 
 
-class FluxPipeline:
+class FluxPipeline(LoraLoaderMixin):
     """Text-to-image with a FLUX.1-family model. Construct with `from_pretrained`."""
 
     def __init__(
@@ -177,7 +178,8 @@ class FluxPipeline:
         if batch_size is not None:
             return self._call_in_batches(prompts, batch_size, locals())
         req = _Request.validate(self, locals())
-        return self._generate(req)
+        with self.temporary_lora_scale((joint_attention_kwargs or {}).get("scale")):
+            return self._generate(req)
 
     def _call_in_batches(self, prompts: list[str] | None, batch_size: int, args: dict):
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -197,7 +199,8 @@ class FluxPipeline:
             chunk = prompts[start : start + batch_size]
             if isinstance(gens, (list, tuple)):
                 kwargs["generator"] = list(gens[start * per : (start + len(chunk)) * per])
-            out = self(prompt=chunk, **kwargs)
+            # The base __call__, not self(...): a subclass (FluxImg2ImgPipeline, ...) has built its hook already.
+            out = FluxPipeline.__call__(self, prompt=chunk, **kwargs)
             outputs.append(out.images if args["return_dict"] else out[0])
         images = _concat_outputs(outputs, args["output_type"])
         return FluxPipelineOutput(images) if args["return_dict"] else (images,)
@@ -228,8 +231,12 @@ class FluxPipeline:
                 )
         batch = txt.shape[0]
 
-        # 2. Initial noise, packed, with position ids.
+        # 2. Initial noise, packed, with position ids. Hooks encode their images first: diffusers' img2img and
+        #    control pipelines draw VAE posterior samples from the generator before the noise.
         h, w = sampling.latent_size(req.height, req.width, self.vae.params.downscale)
+        cond = req.conditioning
+        if cond is not None:
+            cond.encode(self, batch, req.generator, (h, w))
         channels = model.params.latent_channels
         if req.latents is not None:
             x = req.latents.to(dev, dt)
@@ -253,13 +260,13 @@ class FluxPipeline:
         sigmas = sampling.get_schedule(req.num_inference_steps, x.shape[1], shift=shift, sigmas=req.sigmas).to(dev)
 
         # 4. Conditioning hooks (img2img start point, fill/control channels, kontext tokens, regional masks).
-        cond = req.conditioning
-        start = 0
+        start, attn_mask = 0, None
         if cond is not None:
             x, img_ids, sigmas, start = cond.prepare(self, x, img_ids, sigmas, req.generator, (h, w))
+            txt, txt_ids, attn_mask = cond.text(self, txt, txt_ids, img_ids, (h, w))
 
         # 5. Denoise.
-        velocity = self._velocity_fn(txt, vec, txt_ids, img_ids, neg, req, cond)
+        velocity = self._velocity_fn(txt, vec, txt_ids, img_ids, neg, req, cond, attn_mask)
         callback = self._make_callback(req) if req.callback_on_step_end is not None else None
         after = cond.after_step if cond is not None else None
         with torch.inference_mode():
@@ -272,10 +279,14 @@ class FluxPipeline:
             images = self.decode(sampling.unpack(x, h, w), req.output_type)
         return FluxPipelineOutput(images) if req.return_dict else (images,)
 
-    def _velocity_fn(self, txt, vec, txt_ids, img_ids, neg, req: _Request, cond) -> sampling.Velocity:
+    def _velocity_fn(self, txt, vec, txt_ids, img_ids, neg, req: _Request, cond, attn_mask) -> sampling.Velocity:
         model = self.transformer
         batch = txt.shape[0]
         pe = model.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))  # fixed for the whole run
+        pe_neg = pe  # the negative prompt has no regional tokens; its own length needs its own ids
+        if neg is not None and neg[0].shape[1] != txt.shape[1]:
+            neg_ids = sampling.text_ids(batch, neg[0].shape[1], device=txt_ids.device)
+            pe_neg = model.pe_embedder(torch.cat((neg_ids, img_ids), dim=1))
         guidance = req.guidance_per_step if model.params.guidance_embed else None
 
         cache = model.step_cache
@@ -287,11 +298,11 @@ class FluxPipeline:
             inp = cond.model_input(x) if cond is not None else x
             if cache is not None:
                 cache.context = "cond"
-            v = model(inp, img_ids, txt, txt_ids, t, vec, g, pe=pe)[:, : x.shape[1]]
+            v = model(inp, img_ids, txt, txt_ids, t, vec, g, pe=pe, attn_mask=attn_mask)[:, : x.shape[1]]
             if neg is not None:
                 if cache is not None:
                     cache.context = "uncond"
-                v_neg = model(inp, img_ids, neg[0], txt_ids, t, neg[1], g, pe=pe)[:, : x.shape[1]]
+                v_neg = model(inp, img_ids, neg[0], txt_ids, t, neg[1], g, pe=pe_neg)[:, : x.shape[1]]
                 v = v_neg + req.true_cfg_scale * (v - v_neg)
             return v
 

@@ -117,3 +117,21 @@ def test_convert_round_trip(tiny_dev_folder, tmp_path):
     b = load_file(next(back.glob("*.safetensors")))
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
     assert json.loads((back / "config.json").read_text())["num_layers"] == 1
+
+
+def test_quantized_transformer_files_stand_in_for_the_base(tiny_dev_folder, tmp_path):
+    gguf, int8 = tmp_path / "t.gguf", tmp_path / "t8.safetensors"
+    src = str(tiny_dev_folder / "transformer")
+    assert main(["convert", src, str(gguf), "--to", "gguf", "--type", "q8_0"]) == 0
+    assert main(["convert", src, str(int8), "--to", "int8"]) == 0
+    common = ["a red circle", "--model", str(tiny_dev_folder), "--steps", "2", "--seed", "3", "-q", "--width", "32",
+              "--height", "32", "--dtype", "fp32"]
+    outs = {}
+    for name, extra in {"base": [], "gguf": ["--transformer", str(gguf)], "int8": ["--transformer", str(int8)],
+                        "q4": ["--quantize", "q4_0"]}.items():
+        outs[name] = tmp_path / f"{name}.png"
+        assert main(["generate", *common, *extra, "-o", str(outs[name])]) == 0
+    pix = {k: np.asarray(Image.open(v), float) for k, v in outs.items()}
+    for name in ("gguf", "int8"):  # 8-bit weights: close to the base image
+        assert np.abs(pix[name] - pix["base"]).mean() < 3.0
+    assert read_params(outs["q4"])["quantize"] == "q4_0"
