@@ -16,6 +16,11 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "FluxPipeline": "fluxkit.pipeline",
     "FluxPipelineOutput": "fluxkit.pipeline",
+    "FluxImg2ImgPipeline": "fluxkit.pipelines",
+    "FluxInpaintPipeline": "fluxkit.pipelines",
+    "FluxFillPipeline": "fluxkit.pipelines",
+    "FluxControlPipeline": "fluxkit.pipelines",
+    "FluxKontextPipeline": "fluxkit.pipelines",
     "Flux": "fluxkit.model",
     "AutoEncoder": "fluxkit.autoencoder",
     "FluxParams": "fluxkit.params",

@@ -64,6 +64,17 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     p.add_argument("--dtype", help="auto, bf16, fp16, fp32 (auto: bf16 where the device is fast at it)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    g = p.add_argument_group("image conditioning")
+    g.add_argument("--image", type=Path, help="start from this image (img2img; with --mask: inpainting, or Fill)")
+    g.add_argument("--strength", type=float, help="how much of --image to repaint, 0-1 (default 0.6; Fill 1.0)")
+    g.add_argument("--mask", type=Path, help="white = regenerate (a Fill model fills, any other model inpaints)")
+    g.add_argument("--outpaint", metavar="L,R,T,B", help="pad --image by these pixels and fill the border")
+    g.add_argument("--control", choices=("canny", "depth"), help="structure control (a Canny/Depth model)")
+    g.add_argument("--control-image", type=Path, help="photo whose edges/depth steer the image")
+    g.add_argument("--control-map", action="store_true", help="--control-image already is the edge/depth map")
+    g.add_argument("--depth-model", help="transformers depth model, local folder or cached id (default: BFL's)")
+    g.add_argument("--edit", type=Path, metavar="IMAGE", help="edit IMAGE as the prompt says (a Kontext model)")
+    g.add_argument("--region", action="append", metavar="MASK:PROMPT", help="PROMPT where MASK is white (repeatable)")
     p.set_defaults(run=run)
 
 
@@ -166,7 +177,8 @@ def run(args) -> int:
         default_device() if args.device == "auto" else torch.device(args.device),
         None if args.dtype in (None, "auto") else parse_dtype(args.dtype),
     )
-    height, width = _size(args, pipe.spec.default_size)
+    height, width = _size(args, _input_size(args) or pipe.spec.default_size)
+    conditioning = _conditioning(args, pipe)
     steps = args.steps or pipe.spec.default_steps
     guidance = _guidance(args.guidance, steps)
     from .imageio import save_image
@@ -185,6 +197,7 @@ def run(args) -> int:
             negative_prompt=args.negative_prompt,
             generator=gens,
             callback_on_step_end=bar,
+            conditioning=conditioning,
         )
         for (prompt, seed), image, path in zip(chunk, out.images, paths[start : start + len(chunk)]):
             params = {
@@ -202,6 +215,7 @@ def run(args) -> int:
                 "true_cfg": args.true_cfg or 1.0,
                 "dtype": str(pipe.dtype).split(".")[-1],
                 "fluxkit": _version(),
+                **_conditioning_params(args),
             }
             save_image(image, path, params, fmt)
             if not args.quiet:
@@ -211,6 +225,90 @@ def run(args) -> int:
         for path in paths:
             print(path)
     return 0
+
+
+def _open_image(path, flag: str):
+    from PIL import Image
+
+    if not path.is_file():
+        raise ValueError(f"{flag} {path} does not exist")
+    try:
+        return Image.open(path).convert("RGB")
+    except OSError as e:
+        raise ValueError(f"{flag} {path} is not a readable image: {e}") from None
+
+
+def _outpaint(args) -> tuple[int, int, int, int] | None:
+    if not args.outpaint:
+        return None
+    try:
+        left, right, top, bottom = (int(v) for v in args.outpaint.split(","))
+    except ValueError:
+        raise ValueError(f"--outpaint must be L,R,T,B (four integers), got {args.outpaint!r}") from None
+    return left, right, top, bottom
+
+
+def _input_size(args) -> tuple[int, int] | None:
+    """(height, width) of the image being edited, as the default output size (with --outpaint: the padded size)."""
+    inputs = [("--image", args.image), ("--edit", args.edit), ("--control-image", args.control_image)]
+    given = [(flag, path) for flag, path in inputs if path is not None]
+    if not given or args.width or args.height or args.aspect_ratio:
+        return None
+    flag, path = given[0]
+    image = _open_image(path, flag)
+    pad = _outpaint(args) or (0, 0, 0, 0)
+    height, width = image.height + pad[2] + pad[3], image.width + pad[0] + pad[1]
+    if height % 16 or width % 16:
+        raise ValueError(f"{path} gives a {width}x{height} image; pass --width/--height (multiples of 16) to resize")
+    return height, width
+
+
+def _conditioning(args, pipe):
+    """The conditioning hook the image flags ask for, or None for plain text-to-image."""
+    from . import conditioning as cond
+    from .control import DEPTH_MODEL, control_image
+    from .regional import RegionalPrompts
+
+    for flag, needs in (("mask", "image"), ("strength", "image"), ("outpaint", "image"), ("control", "control_image")):
+        if getattr(args, flag) is not None and getattr(args, needs) is None:
+            raise ValueError(f"--{flag} needs --{needs.replace('_', '-')}")
+    if args.control_image is not None and args.control is None:
+        raise ValueError("--control-image needs --control canny|depth")
+    if args.outpaint and args.mask:
+        raise ValueError("--outpaint makes its own mask; drop --mask")
+    hooks = []
+    if args.image:
+        image, mask = _open_image(args.image, "--image"), args.mask and _open_image(args.mask, "--mask")
+        if args.outpaint:
+            image, mask = cond.pad_for_outpaint(image, *_outpaint(args))
+        if mask is None:
+            hooks.append(cond.Img2Img(image, 0.6 if args.strength is None else args.strength))
+        elif cond.model_layout(pipe) == "fill":
+            hooks.append(cond.Fill(image, mask, 1.0 if args.strength is None else args.strength))
+        else:
+            hooks.append(cond.Inpaint(image, mask, 0.6 if args.strength is None else args.strength))
+    if args.control:
+        photo = _open_image(args.control_image, "--control-image")
+        structure = photo if args.control_map else control_image(args.control, photo, args.depth_model or DEPTH_MODEL)
+        hooks.append(cond.Control(structure))
+    if args.edit:
+        image = _open_image(args.edit, "--edit")
+        hooks.append(cond.Kontext(image.resize((image.width // 16 * 16, image.height // 16 * 16))))
+    if args.region:
+        pairs = [r.split(":", 1) for r in args.region]
+        if any(len(p) != 2 or not p[1].strip() for p in pairs):
+            raise ValueError(f"--region must be MASK:PROMPT, got {args.region}")
+        masks = [_open_image(Path(m), "--region").convert("L") for m, _ in pairs]
+        hooks.append(RegionalPrompts([p.strip() for _, p in pairs], masks))
+    if not hooks:
+        return None
+    return hooks[0] if len(hooks) == 1 else cond.Compose(*hooks)
+
+
+def _conditioning_params(args) -> dict:
+    """The image flags in use, stored with the image (paths as given)."""
+    keys = ("image", "strength", "mask", "outpaint", "control", "control_image", "edit", "region")
+    return {k: (str(v) if isinstance(v, Path) else v) for k in keys if (v := getattr(args, k)) not in (None, False)}
 
 
 def _version() -> str:

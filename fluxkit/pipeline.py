@@ -7,6 +7,7 @@ denoise -> decode). Conditioning (img2img, fill, control, kontext, regional prom
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -78,7 +79,7 @@ class FluxPipeline(LoraLoaderMixin):
         self.text_encoder = text_encoder
         self.spec = spec
         self.scheduler = scheduler or SchedulerConfig(use_dynamic_shifting=spec.shift_schedule)
-        self._offload: str | None = None
+        self._offload = None  # fluxkit.offload.ModelOffload when offloading is on
 
     # -- construction ---------------------------------------------------------------------------------------------
     @classmethod
@@ -90,7 +91,13 @@ class FluxPipeline(LoraLoaderMixin):
 
     @property
     def device(self) -> torch.device:
-        return self.transformer.device
+        return self._offload.device if self._offload is not None else self.transformer.device
+
+    def _placed(self, name: str):
+        """Context in which component `name` sits on the execution device (a no-op unless offloading)."""
+        if self._offload is None:
+            return contextlib.nullcontext()
+        return self._offload.placed(name, getattr(self, name))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -130,8 +137,9 @@ class FluxPipeline(LoraLoaderMixin):
         if prompts_2 is not None and len(prompts_2) != len(prompts):
             raise ValueError(f"prompt_2 has {len(prompts_2)} entries but prompt has {len(prompts)}")
         length = max_sequence_length or self.spec.max_sequence_length
-        seq, pooled = self.text_encoder.encode(prompts, prompts_2, length)
-        dev, dt = self.transformer.device, self.transformer.dtype
+        with self._placed("text_encoder"):
+            seq, pooled = self.text_encoder.encode(prompts, prompts_2, length)
+        dev, dt = self.device, self.transformer.dtype
         return _repeat(seq, num_images_per_prompt).to(dev, dt), _repeat(pooled, num_images_per_prompt).to(dev, dt)
 
     # -- generation -----------------------------------------------------------------------------------------------
@@ -208,7 +216,7 @@ class FluxPipeline(LoraLoaderMixin):
     def _generate(self, req: _Request):
         """The recipe. Every front end (Python API, CLI, server) ends here."""
         model = self.transformer
-        dev, dt = model.device, model.dtype
+        dev, dt = self.device, model.dtype
         # 1. Text: positive, and negative for true CFG.
         if req.prompt_embeds is not None:
             txt = _repeat(req.prompt_embeds, req.num_images_per_prompt).to(dev, dt)
@@ -269,7 +277,7 @@ class FluxPipeline(LoraLoaderMixin):
         velocity = self._velocity_fn(txt, vec, txt_ids, img_ids, neg, req, cond, attn_mask)
         callback = self._make_callback(req) if req.callback_on_step_end is not None else None
         after = cond.after_step if cond is not None else None
-        with torch.inference_mode():
+        with torch.inference_mode(), self._placed("transformer"):
             x = sampling.denoise(velocity, x, sigmas, start=start, callback=callback, after_step=after)
 
         # 6. Decode and post-process.
@@ -319,8 +327,9 @@ class FluxPipeline(LoraLoaderMixin):
     @torch.inference_mode()
     def decode(self, z: Tensor, output_type: str = "pil"):
         """Unpacked latents [B, 16, h, w] -> images in [0, 1] as PIL / numpy [B, H, W, 3] / tensor [B, 3, H, W]."""
-        weight = next(self.vae.parameters())
-        x = self.vae.decode(z.to(weight.device, weight.dtype))
+        with self._placed("vae"):
+            weight = next(self.vae.parameters())
+            x = self.vae.decode(z.to(weight.device, weight.dtype))
         x = (x.float() / 2 + 0.5).clamp(0, 1)  # [B, 3, H, W]
         if output_type == "pt":
             return x

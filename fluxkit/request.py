@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .conditioning import check_conditioning
+
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
@@ -126,6 +128,7 @@ class Request:
         latents = a["latents"]
         if latents is not None and (not isinstance(latents, Tensor) or latents.ndim != 3):
             raise ValueError("latents must be a packed tensor [B, L, C] (as diffusers' FluxPipeline takes them)")
+        check_conditioning(a["conditioning"], pipe)  # the hook's type and the model's input width
         return cls(
             prompts,
             lists["prompt_2"],
