@@ -67,13 +67,23 @@ class AETask:
         # One dataset per size: a batch must share a size, and SceneDataset picks the size inside each item.
         self.datasets = [SceneDataset(cfg.data.seed + k, cfg.data.n, sizes=(size,))
                          for k, size in enumerate(cfg.data.sizes)]
+        crop, f = self.opts.crop, self.params.downscale
+        if crop and (crop % f or crop > min(min(s) for s in cfg.data.sizes)):
+            raise ValueError(f"ae.crop must be a multiple of {f} no larger than the smallest image side, got {crop}")
 
     def batch(self, step: int, gen: torch.Generator) -> Tensor:
         """This rank's batch: one size drawn per step, scene indices drawn from the rank's shard (i % world == rank)."""
         data = self.datasets[int(torch.randint(len(self.datasets), (), generator=gen))]
         shard = math.ceil((data.n - self.dist.rank) / self.dist.world)
         picks = torch.randint(shard, (self.cfg.train.batch_size,), generator=gen) * self.dist.world + self.dist.rank
-        return images_to_tensor([data[int(i)].image for i in picks]).to(self.dist.device)
+        images = [data[int(i)].image for i in picks]
+        if self.opts.crop:
+            c = self.opts.crop
+            h, w = images[0].shape[:2]
+            ys = torch.randint(h - c + 1, (len(images),), generator=gen).tolist()
+            xs = torch.randint(w - c + 1, (len(images),), generator=gen).tolist()
+            images = [im[y : y + c, x : x + c] for im, y, x in zip(images, ys, xs)]
+        return images_to_tensor(images).to(self.dist.device)
 
     def losses(self, net: nn.Module, step: int, gen: torch.Generator) -> dict[str, Tensor]:
         x = self.batch(step, gen)  # [B, 3, H, W]

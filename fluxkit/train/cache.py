@@ -47,8 +47,9 @@ def chunk_path(root: Path, index: int) -> Path:
 
 @torch.no_grad()
 def encode_chunk(data: SceneDataset, start: int, stop: int, ae: AutoEncoder, encoder, length: int,
-                 batch: int) -> tuple[dict[str, Tensor], dict[str, str]]:
+                 batch: int, bf16: bool) -> tuple[dict[str, Tensor], dict[str, str]]:
     """Scenes [start, stop) -> (tensors, metadata) of one chunk file, grouped by image size."""
+    device = ae.encoder.conv_in.weight.device
     groups = defaultdict(list)
     for i in range(start, stop):
         sample = data[i]
@@ -58,8 +59,9 @@ def encode_chunk(data: SceneDataset, start: int, stop: int, ae: AutoEncoder, enc
         latents, txts, vecs = [], [], []
         for j in range(0, len(members), batch):
             part = members[j : j + batch]
-            x = images_to_tensor([s.image for _, s in part]).to(ae.encoder.conv_in.weight.device)
-            latents.append(ae.encode(x).float().cpu())  # [b, 16, h, w], scaled and shifted
+            x = images_to_tensor([s.image for _, s in part]).to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                latents.append(ae.encode(x).float().cpu())  # [b, 16, h, w], scaled and shifted
             txt, vec = encoder.encode([s.caption for _, s in part], None, length)  # [b, L, 384], [b, 384]
             txts.append(txt.to(torch.bfloat16).cpu())
             vecs.append(vec.float().cpu())
@@ -83,25 +85,29 @@ def build_cache(cfg: TrainConfig, run: RunFolder, dist: Dist, runs_dir: Path, *,
                          f"{spec.text_encoder!r}")
     ae_root = resolve_run(Path(runs_dir), opts.ae, "autoencoder")
     ae = load_trained_ae(ae_root, dist.device)
-    encoder = MiniLMEncoder.from_package().to(dist.device)
+    # bf16: MiniLM held in bf16 as the pipeline holds it on bf16-fast devices, so training sees inference's embeddings.
+    bf16 = cfg.train.bf16
+    encoder = MiniLMEncoder.from_package(dtype=torch.bfloat16 if bf16 else None).to(dist.device)
     data = SceneDataset(cfg.data.seed, cfg.data.n, sizes=cfg.data.sizes, pairs="train")
     n_chunks = math.ceil(cfg.data.n / opts.chunk_size)
     (run.root / "chunks").mkdir(exist_ok=True)
     deadline = time.monotonic() + 60 * max_minutes if max_minutes is not None else math.inf
     rounds = math.ceil(n_chunks / dist.world)
     bar = tqdm(total=n_chunks, desc=cfg.name, unit="chunk", disable=quiet or not dist.is_main, dynamic_ncols=True)
+    worked = False  # the budget is checked only after real work, so every call makes progress
     for r in range(rounds):
         c = r * dist.world + dist.rank
         path = chunk_path(run.root, c)
         if c < n_chunks and not path.is_file():
+            worked = True
             start, stop = c * opts.chunk_size, min((c + 1) * opts.chunk_size, cfg.data.n)
             tensors, metadata = encode_chunk(data, start, stop, ae, encoder, spec.max_sequence_length,
-                                             opts.encode_batch)
+                                             opts.encode_batch, bf16)
             tmp = path.with_name(path.name + ".tmp")
             save_file(tensors, tmp, metadata=metadata)
             os.replace(tmp, path)
         bar.update(min(dist.world, n_chunks - r * dist.world))
-        if dist.any(time.monotonic() > deadline):
+        if dist.any(worked and time.monotonic() > deadline):
             break
     bar.close()
     dist.barrier()

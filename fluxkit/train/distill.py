@@ -162,9 +162,11 @@ class SchnellTask(FlowTask):
         names = [folder / f"{self.cache.buckets[i].size[0]}x{self.cache.buckets[i].size[1]}-{rows.start:06d}"
                  f".safetensors" for i, rows in jobs]
         bar = tqdm(total=len(jobs), desc="teacher trajectories", disable=quiet or not self.dist.is_main)
+        worked = False  # the budget is checked only after real work, so every call makes progress
         for j in range(0, len(jobs), self.dist.world):
             k = j + self.dist.rank
             if k < len(jobs) and not names[k].is_file():
+                worked = True
                 i, rows = jobs[k]
                 states = solve_trajectories(teacher, self.cache.buckets[i], rows, self.opts.guidance,
                                             self.opts.teacher_steps, self.cfg.seed, self.dist.device,
@@ -173,7 +175,7 @@ class SchnellTask(FlowTask):
                 save_file({"states": states.contiguous()}, tmp)
                 os.replace(tmp, names[k])
             bar.update(min(self.dist.world, len(jobs) - j))
-            if self.dist.any(time.monotonic() > deadline):
+            if self.dist.any(worked and time.monotonic() > deadline):
                 break
         bar.close()
         self.dist.barrier()

@@ -95,7 +95,7 @@ def noisy(b: FlowBatch, gen: torch.Generator, mean: float = 0.0, std: float = 1.
 @torch.no_grad()
 def generate_latents(model: Flux, txt: Tensor, vec: Tensor, size: tuple[int, int], steps: int, *, shifted: bool,
                      guidance: float | None = None, cfg_scale: float = 1.0, empty: tuple[Tensor, Tensor] | None = None,
-                     seed: int = 0) -> Tensor:
+                     seed: int = 0, bf16: bool = True) -> Tensor:
     """Euler sampling from precomputed text embeddings -> latents [B, 16, h, w]; seeds seed, seed+1, ... per image.
 
     `guidance` feeds a guidance-distilled model; `cfg_scale` > 1 runs true CFG against `empty` (the base model).
@@ -122,7 +122,7 @@ def generate_latents(model: Flux, txt: Tensor, vec: Tensor, size: tuple[int, int
             v = v_uncond + cfg_scale * (v - v_uncond)
         return v
 
-    with torch.autocast(dev.type, dtype=torch.bfloat16):
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
         x = sampling.denoise(velocity, x, sigmas)
     return sampling.unpack(x.float(), h, w)
 
@@ -154,7 +154,7 @@ class FlowTask:
         rows = []
         for steps in sc.steps:
             z = generate_latents(ema, txt, vec, sc.size, steps, shifted=self.shifted, seed=sc.seed,
-                                 **self.sample_kwargs())
+                                 bf16=self.cfg.train.bf16, **self.sample_kwargs())
             with torch.no_grad():
                 rows.append(to_uint8(self.ae().decode(z)))
         save_grid(rows, path, [f"{s} steps" for s in sc.steps])

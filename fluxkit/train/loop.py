@@ -16,6 +16,7 @@ import math
 import os
 import shutil
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -264,8 +265,6 @@ class _StopSignal:
 
 
 def _in_main_thread() -> bool:
-    import threading
-
     return threading.current_thread() is threading.main_thread()
 
 
@@ -283,9 +282,7 @@ def train(task: Task, cfg: TrainConfig, run: RunFolder, dist: Dist, *, max_minut
         start, history, elapsed = state["step"], list(state["history"]), state["elapsed_s"]
     if start >= tc.steps:
         return _finish(task, cfg, run, dist, LoopResult(start, True, model, ema.module), history, elapsed)
-    net = task.net
-    if dist.world > 1:
-        net = nn.parallel.DistributedDataParallel(net, device_ids=[dist.device] if dist.device.type == "cuda" else None)
+    net = _wrap(task.net, dist, tc.compile)
     net.train()
     deadline = time.monotonic() + 60 * max_minutes if max_minutes is not None else math.inf
     bar = tqdm(total=tc.steps, initial=start, desc=cfg.name, disable=quiet or not dist.is_main, dynamic_ncols=True)
@@ -295,18 +292,8 @@ def train(task: Task, cfg: TrainConfig, run: RunFolder, dist: Dist, *, max_minut
     with _StopSignal() as stop_signal:
         while step < tc.steps:
             lr = lr_at(step, cfg.optim, tc.steps)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            with torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=tc.bf16):
-                metrics = task.losses(net, step, step_generator(cfg.seed, cfg.stage, step, dist.rank))
-            opt.zero_grad(set_to_none=True)
-            metrics["loss"].backward()
-            if cfg.optim.grad_clip > 0:
-                metrics["grad_norm"] = nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            opt.step()
-            ema.update(model, step)
+            logged = _optimizer_step(task, net, model, ema, opt, cfg, dist, step, lr)
             step += 1
-            logged = {k: float(dist.mean(v.detach().float())) for k, v in metrics.items()}
             history.append(logged["loss"])
             stop = dist.any(time.monotonic() > deadline or stop_signal.raised)
             if dist.is_main:
@@ -329,6 +316,30 @@ def train(task: Task, cfg: TrainConfig, run: RunFolder, dist: Dist, *, max_minut
         plot_losses(history, run.root / "loss.png", f"{cfg.name} ({cfg.stage})")
         run.log({"event": "stop", "step": step, "finished": result.finished, "elapsed_s": elapsed})
     return _finish(task, cfg, run, dist, result, history, elapsed) if result.finished else result
+
+
+def _wrap(net: nn.Module, dist: Dist, compile: bool) -> nn.Module:
+    if dist.world > 1:
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[dist.device] if dist.device.type == "cuda" else None)
+    if compile:
+        net = torch.compile(net)  # after DDP, so that DDP's optimizer splits the graph at its gradient buckets
+    return net
+
+
+def _optimizer_step(task: Task, net: nn.Module, model: nn.Module, ema: EMA, opt: torch.optim.Optimizer,
+                    cfg: TrainConfig, dist: Dist, step: int, lr: float) -> dict[str, float]:
+    """One update; returns the step's metrics averaged over ranks."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    with torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16):
+        metrics = task.losses(net, step, step_generator(cfg.seed, cfg.stage, step, dist.rank))
+    opt.zero_grad(set_to_none=True)
+    metrics["loss"].backward()
+    if cfg.optim.grad_clip > 0:
+        metrics["grad_norm"] = nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+    opt.step()
+    ema.update(model, step)
+    return {k: float(dist.mean(v.detach().float())) for k, v in metrics.items()}
 
 
 def _checkpoint(run: RunFolder, dist: Dist, step: int, model, ema, opt, history, elapsed: float, keep: int) -> None:

@@ -1,0 +1,207 @@
+"""`fluxkit train`: every stage of the tiny-family recipe runs a few steps on test-sized configs (configs/test-*.toml),
+resumes exactly, learns, and exports a folder the pipeline loads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fluxkit.train import load_config, run_stage
+from fluxkit.train.cache import LatentCache
+from fluxkit.train.config import parse_override
+from fluxkit.train.distill import KEY_TIMES, DevTask, teacher_grid
+from fluxkit.train.flow import BaseTask, export_run, position_ids
+from fluxkit.train.loop import Dist, make_optimizer, step_generator
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+STAGES = ("ae", "cache", "base", "dev", "schnell")
+
+
+def config(stage: str, *overrides: str):
+    return load_config(CONFIGS / f"test-{stage}.toml", list(overrides))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    """The whole recipe, 3 steps per stage, each stage reading the previous one's run."""
+    runs_dir = tmp_path_factory.mktemp("runs")
+    for stage in STAGES:
+        result = run_stage(config(stage), runs_dir, quiet=True)
+        assert result.finished, stage
+    return runs_dir
+
+
+@pytest.mark.parametrize("stage", ["ae", "base", "dev", "schnell"])
+def test_stage_writes_checkpoint_curve_and_samples(runs, stage):
+    run = runs / f"test-{stage}"
+    latest = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+    assert latest.name == "step-00000003"
+    state = torch.load(latest / "state.pt", weights_only=True)
+    assert state["step"] == 3 and len(state["history"]) == 3 and "optimizer" in state
+    assert load_file(latest / "model.safetensors").keys() == load_file(latest / "ema.safetensors").keys()
+    assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-00000002", "step-00000003"]
+    assert (run / "loss.png").stat().st_size > 1000
+    assert {p.name for p in (run / "samples").glob("*.png")} == {"step-00000002.png", "step-00000003.png"}
+    assert json.loads((run / "done.json").read_text())["steps"] == 3
+
+
+def test_ae_stage_stores_data_derived_factors(runs):
+    meta = json.loads((runs / "test-ae" / "ae.json").read_text())
+    done = json.loads((runs / "test-ae" / "done.json").read_text())
+    assert meta["params"]["scale_factor"] == done["scale_factor"] != 1.0  # the preset's 1.0 was replaced
+    assert set(done["psnr_by_size"]) == {"32x32", "48x32", "32x48"} and done["psnr"] > 0
+
+
+def test_cache_holds_scaled_latents_and_captions_grouped_by_size(runs):
+    from fluxkit.data import SceneDataset
+    from fluxkit.train.ae import images_to_tensor
+
+    cache = LatentCache.load(runs / "test-cache")
+    assert len(cache) == 40 and sorted(b.size for b in cache.buckets) == [(32, 32), (32, 48), (48, 32)]
+    assert cache.prompts == ["a red circle above a blue square", "a sign that says 'OPEN'"]
+    assert cache.empty_txt.shape == (1, 32, 384) and cache.prompt_vec.shape == (2, 384)
+    bucket = next(b for b in cache.buckets if b.size == (48, 32))
+    assert bucket.latents.shape[1:] == (16, 4, 6)  # (height, width) / 8
+    # Row 0 is scene index[0]: its caption and its latent (AutoEncoder.encode: scaled + shifted) match a re-encode.
+    sample = SceneDataset(0, 40, sizes=((32, 32), (48, 32), (32, 48)))[int(bucket.index[0])]
+    assert bucket.captions[0] == sample.caption
+    with torch.no_grad():
+        z = cache.load_ae().encode(images_to_tensor([sample.image]))
+    assert torch.allclose(z[0], bucket.latents[0], atol=0.05 * z.abs().max().item())
+    assert 0.3 < bucket.latents.std() < 3  # scale_factor brings latents to about unit variance
+
+
+def test_cache_resume_skips_finished_chunks(runs, tmp_path):
+    import shutil
+
+    shutil.copytree(runs / "test-ae", tmp_path / "test-ae")
+    run_stage(config("cache", "data.n=32"), tmp_path, quiet=True)
+    chunk = tmp_path / "test-cache" / "chunks" / "chunk-00000.safetensors"
+    before = chunk.stat().st_mtime_ns
+    (tmp_path / "test-cache" / "chunks" / "chunk-00001.safetensors").unlink()
+    (tmp_path / "test-cache" / "done.json").unlink()
+    assert run_stage(config("cache", "data.n=32"), tmp_path, resume=True, quiet=True).finished
+    assert chunk.stat().st_mtime_ns == before  # untouched; only the missing chunk was encoded again
+    assert (tmp_path / "test-cache" / "chunks" / "chunk-00001.safetensors").is_file()
+
+
+@pytest.mark.parametrize("stage", ["ae", "base", "schnell"])
+def test_resume_after_time_budget_equals_uninterrupted_run(runs, stage):
+    straight = run_stage(config(stage, f"name=straight-{stage}", "train.steps=4"), runs, quiet=True)
+    # A budget of ~0 minutes stops after the first step with a checkpoint; --resume then runs steps 2-4.
+    cut = run_stage(config(stage, f"name=cut-{stage}", "train.steps=4"), runs, max_minutes=1e-9, quiet=True)
+    while cut.step == 0:  # schnell stops inside its teacher trajectories too: one file per call, then training
+        cut = run_stage(config(stage, f"name=cut-{stage}", "train.steps=4"), runs, resume=True, max_minutes=1e-9,
+                        quiet=True)
+    assert (cut.finished, cut.step) == (False, 1)
+    resumed = run_stage(config(stage, f"name=cut-{stage}", "train.steps=4"), runs, resume=True, quiet=True)
+    assert resumed.finished and resumed.step == 4
+    for a, b in ((straight.model, resumed.model), (straight.ema, resumed.ema)):
+        for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.equal(x, y), name
+    opt_a = torch.load(runs / f"straight-{stage}/checkpoints/step-00000004/state.pt", weights_only=True)
+    opt_b = torch.load(runs / f"cut-{stage}/checkpoints/step-00000004/state.pt", weights_only=True)
+    assert opt_a["history"] == opt_b["history"]
+    assert all(torch.equal(opt_a["optimizer"]["state"][k]["exp_avg"], opt_b["optimizer"]["state"][k]["exp_avg"])
+               for k in opt_a["optimizer"]["state"])
+
+
+def test_existing_run_needs_resume_and_same_config(runs):
+    with pytest.raises(ValueError, match="already exists; pass --resume"):
+        run_stage(config("base"), runs, quiet=True)
+    with pytest.raises(ValueError, match=r"differs .* in \['optim.lr'\]"):
+        run_stage(config("base", "optim.lr=0.5"), runs, resume=True, quiet=True)
+    # A finished run resumed with more steps continues training.
+    assert run_stage(config("base", "name=more-base"), runs, quiet=True).step == 3
+    assert run_stage(config("base", "name=more-base", "train.steps=5"), runs, resume=True, quiet=True).step == 5
+
+
+@pytest.mark.parametrize("stage", ["ae", "base"])
+def test_loss_goes_down_when_overfitting_one_batch(runs, stage):
+    from fluxkit.train.ae import AETask
+
+    cfg = config(stage, "optim.lr=0.003")
+    task = AETask(cfg, Dist()) if stage == "ae" else BaseTask(cfg, Dist(), runs)
+    opt = make_optimizer(task.model, cfg.optim)
+    losses = []
+    for _ in range(30):
+        loss = task.losses(task.net, 0, step_generator(0, stage, 0, 0))["loss"]  # the same batch, t and noise
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_dev_student_starts_as_the_base_teacher(runs):
+    task = DevTask(config("dev", "name=dev-init"), Dist(), runs)
+    cache = task.cache
+    x = torch.randn(2, 4, 64)
+    img_ids, txt_ids = position_ids(2, 4, 4, 32, torch.device("cpu"))
+    txt, vec, t = cache.prompt_txt.float(), cache.prompt_vec.float(), torch.tensor([0.3, 0.8])
+    with torch.no_grad():
+        teacher = task.teacher(x, img_ids, txt, txt_ids, t, vec)
+        for g in (1.0, 7.0):  # the zero-initialised guidance embedding contributes nothing yet
+            student = task.model(x, img_ids, txt, txt_ids, t, vec, torch.full((2,), g))
+            torch.testing.assert_close(student, teacher)
+
+
+def test_schnell_trajectories_hold_the_linear_schedule_points(runs):
+    times, keys = teacher_grid(20, 64)
+    assert [float(times[k]) for k in keys] == list(KEY_TIMES)
+    assert bool((times[1:] < times[:-1]).all()) and len(times) == 21 + 3
+    files = sorted((runs / "test-schnell" / "trajectories").glob("*.safetensors"))
+    states = torch.cat([load_file(p)["states"] for p in files if p.name.startswith("32x32")])
+    assert states.shape[1:] == (5, 4, 64)
+    # The first state is the trajectory's Gaussian noise, the last the teacher's image latent.
+    assert 0.5 < states[:, 0].std() < 1.5 and not torch.allclose(states[:, 0], states[:, -1])
+
+
+def test_export_loads_in_the_pipeline_and_shares_one_autoencoder(runs, tmp_path):
+    from fluxkit.pipeline import FluxPipeline
+
+    for name in ("test-dev", "test-schnell"):
+        export_run(runs / name, tmp_path / name, ae_path="../ae.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ae.safetensors", "test-dev", "test-schnell"]
+    pipe = FluxPipeline.from_pretrained(tmp_path / "test-schnell")
+    assert pipe.spec.name == "tiny-schnell" and not pipe.spec.shift_schedule
+    assert pipe.vae.scale_factor == json.loads((runs / "test-ae" / "ae.json").read_text())["params"]["scale_factor"]
+    image = pipe("a red circle", height=32, width=48, steps=2, generator=torch.Generator().manual_seed(0),
+                 output_type="np").images
+    assert image.shape == (1, 32, 48, 3)
+    dev = FluxPipeline.from_pretrained(tmp_path / "test-dev")
+    assert dev.transformer.params.guidance_embed
+    with pytest.raises(ValueError, match="different autoencoder"):
+        (tmp_path / "ae.safetensors").write_bytes((runs / "test-ae" / "ae.safetensors").read_bytes())  # fp32 != bf16
+        export_run(runs / "test-dev", tmp_path / "test-dev", ae_path="../ae.safetensors")
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ValueError, match=r"\[train\] has unknown keys \['stepz'\]"):
+        config("base", "train.stepz=3")
+    with pytest.raises(ValueError, match="train.steps must be of type int"):
+        config("base", "train.steps=2.5")
+    with pytest.raises(ValueError, match=r"do not apply to stage 'base' \(its own table is \[flow\]\)"):
+        config("base", "distill.teacher=x")
+    with pytest.raises(ValueError, match=r"\[model.flux\] has unknown keys"):
+        config("base", "model.flux.width=3")
+    with pytest.raises(ValueError, match="num_heads"):
+        config("base", "model.flux.num_heads=3")  # FluxParams' own check: 32 is not divisible by 3
+    assert parse_override("sample.steps=[1, 2]") == (["sample", "steps"], [1, 2])
+    assert parse_override("name=my-run") == (["name"], "my-run")
+
+
+def test_cli_runs_a_stage_and_reports_bad_input(runs, capsys):
+    from fluxkit.cli import main
+
+    argv = ["train", str(CONFIGS / "test-base.toml"), "--runs-dir", str(runs), "--set", "name=cli-base",
+            "--set", "train.steps=1", "--quiet"]
+    assert main(argv) == 0
+    assert "cli-base: finished" in capsys.readouterr().out
+    assert main(argv) == 2
+    assert "pass --resume" in capsys.readouterr().err
+    assert main(["train", "--export", str(runs / "test-base")]) == 2
