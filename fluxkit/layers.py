@@ -12,7 +12,7 @@ from .math import attention, rope_embedding
 
 
 class EmbedND(nn.Module):
-    """Multi-axis RoPE: position ids [B, L, n_axes] -> rotation matrices [B, 1, L, head_dim/2, 2, 2]."""
+    """Multi-axis RoPE: position ids [B, L, n_axes] -> cos/sin tables [2, B, 1, L, head_dim]."""
 
     def __init__(self, theta: int, axes_dim: tuple[int, ...]):
         super().__init__()
@@ -42,10 +42,8 @@ class RMSNorm(nn.Module):
         self.scale = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        x_dtype = x.dtype
-        x = x.float()
-        rrms = torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + 1e-6)
-        return (x * rrms).to(x_dtype) * self.scale.to(x_dtype)
+        # torch's fused kernel accumulates in fp32 for bf16/fp16 inputs, like BFL's explicit upcast, in one pass.
+        return F.rms_norm(x, (x.shape[-1],), self.scale.to(x.dtype), eps=1e-6)
 
 
 class QKNorm(nn.Module):
@@ -82,7 +80,10 @@ class ModulationOut:
     gate: Tensor
 
     def modulate(self, x: Tensor) -> Tensor:
-        return (1 + self.scale) * x + self.shift
+        return torch.addcmul(self.shift, x, 1 + self.scale)  # (1 + scale) * x + shift, one pass
+
+    def gated(self, x: Tensor, branch: Tensor) -> Tensor:
+        return torch.addcmul(x, self.gate, branch)  # x + gate * branch, one pass
 
 
 class Modulation(nn.Module):
@@ -146,10 +147,10 @@ class DoubleStreamBlock(nn.Module):
         attn = attention(q, k, v, pe, mask)  # [B, L, C]
         txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
 
-        img = img + img_mod1.gate * self.img_attn.proj(img_attn)
-        img = img + img_mod2.gate * self.img_mlp(img_mod2.modulate(self.img_norm2(img)))
-        txt = txt + txt_mod1.gate * self.txt_attn.proj(txt_attn)
-        txt = txt + txt_mod2.gate * self.txt_mlp(txt_mod2.modulate(self.txt_norm2(txt)))
+        img = img_mod1.gated(img, self.img_attn.proj(img_attn))
+        img = img_mod2.gated(img, self.img_mlp(img_mod2.modulate(self.img_norm2(img))))
+        txt = txt_mod1.gated(txt, self.txt_attn.proj(txt_attn))
+        txt = txt_mod2.gated(txt, self.txt_mlp(txt_mod2.modulate(self.txt_norm2(txt))))
         return img, txt
 
 
@@ -176,7 +177,7 @@ class SingleStreamBlock(nn.Module):
         q, k = self.norm(q, k, v)
         attn = attention(q, k, v, pe, mask)  # [B, L, C]
         out = self.linear2(torch.cat((attn, self.mlp_act(mlp)), dim=-1))
-        return x + mod.gate * out
+        return mod.gated(x, out)
 
 
 class LastLayer(nn.Module):

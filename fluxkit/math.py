@@ -9,37 +9,48 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def rope(pos: Tensor, dim: int, theta: int) -> Tensor:
-    """Rotation matrices for one position axis.
+def rope(pos: Tensor, dim: int, theta: int) -> tuple[Tensor, Tensor]:
+    """Rotation angles for one position axis: pos [B, L] -> (cos, sin), each [B, L, dim/2], float32.
 
-    pos [B, L] integer-valued positions -> [B, L, dim/2, 2, 2] (cos, -sin; sin, cos) per rotated pair.
-    Frequencies omega_j = theta^(-2j/dim) are computed in float64 (as the original BFL release and diffusers do) so
-    large positions keep their precision; the result is float32.
+    omega_j = theta^(-2j/dim) is computed in float64 (as the original BFL release and diffusers do) so that large
+    positions keep their precision.
     """
     scale = torch.arange(0, dim, 2, dtype=torch.float64, device=pos.device) / dim
     omega = 1.0 / (theta**scale)  # [dim/2]
     angles = pos.to(torch.float64)[..., None] * omega  # [B, L, dim/2]
-    cos, sin = torch.cos(angles), torch.sin(angles)
-    rot = torch.stack([cos, -sin, sin, cos], dim=-1)  # [B, L, dim/2, 4]
-    return rot.unflatten(-1, (2, 2)).float()  # [B, L, dim/2, 2, 2]
+    return torch.cos(angles).float(), torch.sin(angles).float()
 
 
 def rope_embedding(ids: Tensor, axes_dim: tuple[int, ...], theta: int) -> Tensor:
-    """ids [B, L, n_axes] -> pe [B, 1, L, head_dim/2, 2, 2]; pair k of the head dim rotates by axis a's angle."""
+    """ids [B, L, n_axes] -> pe [2, B, 1, L, head_dim]: the cos and signed-sin tables of `apply_rope`.
+
+    Pair k = (2k, 2k+1) of the head dim rotates by its axis' angle (pairs [0, d0/2) axis 0, then axis 1, ...), as
+    BFL's per-pair rotation matrices do. Precomputing full-width, contiguous tables once per resolution turns the
+    rotation into two multiplies and an add per call, with no strided broadcasting.
+    """
     if ids.shape[-1] != len(axes_dim):
         raise ValueError(f"position ids have {ids.shape[-1]} axes, the model expects {len(axes_dim)}")
-    pe = torch.cat([rope(ids[..., i], d, theta) for i, d in enumerate(axes_dim)], dim=-3)
-    return pe.unsqueeze(1)  # broadcast over heads
+    cos, sin = zip(*(rope(ids[..., i], d, theta) for i, d in enumerate(axes_dim)), strict=True)
+    cos, sin = torch.cat(cos, dim=-1), torch.cat(sin, dim=-1)  # [B, L, D/2]
+    cos = cos.repeat_interleave(2, dim=-1)  # [B, L, D]: same angle for both members of a pair
+    sin = torch.stack((-sin, sin), dim=-1).flatten(-2)  # [B, L, D]: out[2k] gets -sin, out[2k+1] gets +sin
+    return torch.stack((cos, sin)).unsqueeze(2)  # [2, B, 1, L, D]; broadcasts over heads
+
+
+def _swap_pairs(x: Tensor) -> Tensor:
+    """(x0, x1, x2, x3, ...) -> (x1, x0, x3, x2, ...) along the last dim."""
+    pairs = x.unflatten(-1, (-1, 2))
+    return torch.stack((pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
 
 
 def apply_rope(xq: Tensor, xk: Tensor, pe: Tensor) -> tuple[Tensor, Tensor]:
-    """Rotate interleaved pairs (2k, 2k+1) of q and k [B, H, L, D] by pe; fp32 math, returned in the input dtype."""
-    xq_ = xq.float().unflatten(-1, (-1, 1, 2))  # [B, H, L, D/2, 1, 2]
-    xk_ = xk.float().unflatten(-1, (-1, 1, 2))
-    # out_pair = R @ x_pair, written as a broadcast multiply-add over R's columns.
-    q_out = pe[..., 0] * xq_[..., 0] + pe[..., 1] * xq_[..., 1]  # [B, H, L, D/2, 2]
-    k_out = pe[..., 0] * xk_[..., 0] + pe[..., 1] * xk_[..., 1]
-    return q_out.flatten(-2).type_as(xq), k_out.flatten(-2).type_as(xk)
+    """Rotate interleaved pairs of q and k [B, H, L, D]: out[2k] = cos x[2k] - sin x[2k+1], out[2k+1] = sin x[2k] +
+    cos x[2k+1]. fp32 math, returned in the input dtype."""
+    cos, sin = pe[0], pe[1]  # [B, 1, L, D]
+    q, k = xq.float(), xk.float()
+    q_out = q * cos + _swap_pairs(q) * sin
+    k_out = k * cos + _swap_pairs(k) * sin
+    return q_out.type_as(xq), k_out.type_as(xk)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, pe: Tensor, mask: Tensor | None = None) -> Tensor:

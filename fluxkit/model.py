@@ -82,7 +82,7 @@ class Flux(nn.Module):
         txt = self.txt_in(txt.to(dtype))  # [B, L_txt, hidden]
         vec = self.conditioning_vector(timesteps, y, guidance)  # [B, hidden]
         if pe is None:
-            pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))  # [B, 1, L, D/2, 2, 2]
+            pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))  # [2, B, 1, L, D] cos/sin
 
         if self.step_cache is not None:
             img = run_blocks_cached(self, self.step_cache, img, txt, vec, pe, attn_mask)
