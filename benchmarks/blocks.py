@@ -95,11 +95,11 @@ def main() -> None:
         pe = rope(ids)
         cos_sin = _diffusers_rope(ids[0])
 
-        def run_ours():
+        def run_ours(img=img, txt=txt, vec=vec, pe=pe):
             i, t = ours_d(img, txt, vec, pe)
             return ours_s(torch.cat((t, i), 1), vec, pe)
 
-        def run_ref():
+        def run_ref(img=img, txt=txt, vec=vec, cos_sin=cos_sin):
             t, i = ref_d(img, txt, vec, image_rotary_emb=cos_sin)
             t, i = ref_s(i, t, vec, image_rotary_emb=cos_sin)
             return torch.cat((t, i), 1)
