@@ -135,3 +135,20 @@ def test_quantized_transformer_files_stand_in_for_the_base(tiny_dev_folder, tmp_
     for name in ("gguf", "int8"):  # 8-bit weights: close to the base image
         assert np.abs(pix[name] - pix["base"]).mean() < 3.0
     assert read_params(outs["q4"])["quantize"] == "q4_0"
+
+
+def test_image_conditioning_flags(tiny_dev_folder, tmp_path):
+    base = tmp_path / "base.png"
+    common = ["--model", str(tiny_dev_folder), "--steps", "2", "--seed", "1", "-q", "--dtype", "fp32"]
+    assert main(["generate", "a red circle", "--width", "32", "--height", "32", "-o", str(base), *common]) == 0
+    edited = tmp_path / "img2img.png"
+    assert main(["generate", "a blue square", "--image", str(base), "--strength", "0.5", "-o", str(edited),
+                 *common]) == 0
+    assert Image.open(edited).size == (32, 32)  # the input image's size by default
+    assert read_params(edited)["strength"] == 0.5
+    mask = tmp_path / "left.png"
+    Image.fromarray(np.pad(np.full((32, 16), 255, np.uint8), ((0, 0), (0, 16)))).save(mask)
+    regional = tmp_path / "regional.png"
+    assert main(["generate", "two shapes", "--width", "32", "--height", "32", "--region", f"{mask}:a red circle",
+                 "-o", str(regional), *common]) == 0
+    assert main(["generate", "x", "--strength", "0.5", *common]) == 2  # --strength needs --image
