@@ -8,7 +8,8 @@ import secrets
 import sys
 from pathlib import Path
 
-ASPECT_RATIOS = ("1:1", "16:9", "9:16", "4:3", "3:4", "3:2", "2:3", "21:9", "9:21")
+from .sizes import ASPECT_RATIOS, size_for_aspect
+
 # Parameters stored in each image and restored by --from-image (CLI dest names).
 REPLAYED = (
     "model",
@@ -81,13 +82,9 @@ def add_parser(p: argparse.ArgumentParser) -> None:
 def _size(args, default: tuple[int, int]) -> tuple[int, int]:
     """(height, width) from --width/--height or --aspect-ratio/--megapixels, each a multiple of 16."""
     if args.aspect_ratio:
-        a, b = (int(v) for v in args.aspect_ratio.split(":"))
-        area = (args.megapixels * 1e6) if args.megapixels else default[0] * default[1]
-        if area <= 0:
+        if args.megapixels is not None and args.megapixels <= 0:
             raise ValueError(f"--megapixels must be positive, got {args.megapixels}")
-        width = max(16, round((area * a / b) ** 0.5 / 16) * 16)
-        height = max(16, round((area * b / a) ** 0.5 / 16) * 16)
-        return height, width
+        return size_for_aspect(args.aspect_ratio, args.megapixels * 1e6 if args.megapixels else default[0] * default[1])
     return args.height or default[0], args.width or default[1]
 
 

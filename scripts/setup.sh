@@ -32,4 +32,12 @@ if ! command -v tesseract >/dev/null 2>&1; then
         echo "note: install tesseract-ocr (e.g. 'sudo apt-get install tesseract-ocr') for fluxkit eval's sign OCR" >&2
     fi
 fi
+# Headless Chromium for tests/test_web_ui.py (Playwright drives Debian's chromium; never `playwright install`).
+if [[ "${1:-}" == "--dev" ]] && [[ ! -x /usr/bin/chromium ]]; then
+    if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+        (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "warning: could not install chromium" >&2
+    else
+        echo "note: install chromium (sudo apt-get install chromium) for the web UI test" >&2
+    fi
+fi
 echo "fluxkit is set up in .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"
