@@ -143,8 +143,9 @@ class RunFolder:
         pointer = self.checkpoints / "latest"
         return self.checkpoints / pointer.read_text().strip() if pointer.is_file() else None
 
-    def save_checkpoint(self, step: int, model: nn.Module, ema: nn.Module, state: dict, keep: int) -> Path:
-        """Write checkpoints/step-N/ through a temp folder + rename, then move the `latest` pointer.
+    def save_checkpoint(self, step: int, model: nn.Module, ema: nn.Module | None, state: dict, keep: int) -> Path:
+        """Write checkpoints/step-N/ through a temp folder + rename, then move the `latest` pointer (`ema=None`: a
+        run without EMA weights, e.g. LoRA training).
 
         A kill at any moment leaves `latest` on a complete checkpoint: the old one until the pointer is replaced.
         """
@@ -155,7 +156,8 @@ class RunFolder:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             save_file(_fp32_state(model), tmp / "model.safetensors")
-            save_file(_fp32_state(ema), tmp / "ema.safetensors")
+            if ema is not None:
+                save_file(_fp32_state(ema), tmp / "ema.safetensors")
             torch.save(state, tmp / "state.pt")
             os.replace(tmp, final)
         atomic_write_text(self.checkpoints / "latest", name)
@@ -164,13 +166,14 @@ class RunFolder:
             shutil.rmtree(p)
         return final
 
-    def load_checkpoint(self, model: nn.Module, ema: nn.Module) -> dict | None:
+    def load_checkpoint(self, model: nn.Module, ema: nn.Module | None) -> dict | None:
         """Load weights into model/ema and return the state dict (step, optimizer, history), or None if none."""
         ckpt = self.latest()
         if ckpt is None:
             return None
         model.load_state_dict(load_file(ckpt / "model.safetensors"), strict=True)
-        ema.load_state_dict(load_file(ckpt / "ema.safetensors"), strict=True)
+        if ema is not None:
+            ema.load_state_dict(load_file(ckpt / "ema.safetensors"), strict=True)
         return torch.load(ckpt / "state.pt", weights_only=True)  # plain tensors/containers only: no code runs
 
     def load_ema(self) -> dict[str, Tensor]:
