@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The whole tiny-family recipe, one command: runs every stage in order, each resumable. Re-run it after an
+# interruption and it continues where it stopped (finished stages are skipped). Then exports the shipped models.
+#   FLUXKIT_RUNS=/path/to/runs scripts/train_tiny_family.sh      (default runs dir: ./runs; ~3.5 h on 2 CPU cores)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+runs=${FLUXKIT_RUNS:-runs}
+for stage in ae cache base dev schnell; do
+    [[ -f "$runs/tiny-$stage/done.json" ]] && continue
+    .venv/bin/fluxkit train "configs/tiny-$stage.toml" --threads "${THREADS:-2}" --runs-dir "$runs" --resume
+    [[ -f "$runs/tiny-$stage/done.json" ]] || { echo "stage $stage stopped before finishing; re-run to continue" >&2; exit 1; }
+done
+for model in dev schnell; do
+    .venv/bin/fluxkit train --export "$runs/tiny-$model" --out "fluxkit/weights/tiny-$model" --ae-path ../ae.safetensors
+done
