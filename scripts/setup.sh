@@ -16,8 +16,8 @@ pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 if ! .venv/bin/python -c 'import torch' 2>/dev/null; then
     if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
         "${pip[@]}" torch
-    elif "${pip[@]}" --no-index torch==2.13.0 2>/dev/null; then
-        :  # a CPU wheel provided locally (find-links), as on this project's build machines
+    elif .venv/bin/python -m pip download --quiet --no-deps --no-index -d "$(mktemp -d)" torch==2.13.0 2>/dev/null; then
+        "${pip[@]}" torch==2.13.0  # a CPU wheel provided locally (pip's find-links), as on this project's machines
     else
         "${pip[@]}" torch --index-url https://download.pytorch.org/whl/cpu
     fi

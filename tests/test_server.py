@@ -126,11 +126,13 @@ def test_prefer_wait_blocks_until_done_or_reports_starting(server):
     _, http, _ = server
     quick = http.post("/v1/predictions", json={"input": {"prompt": "a dog"}}, headers={"Prefer": "wait=30"})
     assert quick.json()["status"] == "succeeded" and quick.json()["output"]
-    slow = http.post("/v1/predictions", json={"input": {"prompt": "a dog", "num_inference_steps": 60,
-                                                        "width": 256, "height": 256}},
-                     headers={"Prefer": "wait=1"})
+    big = {"prompt": "a dog", "num_inference_steps": 60, "width": 256, "height": 256, "num_outputs": 4}
+    # Work queued ahead of it keeps it from finishing within the 1 s wait, however fast the machine is.
+    ahead = [http.post("/v1/predictions", json={"input": {**big, "seed": k}}).json()["id"] for k in range(3)]
+    slow = http.post("/v1/predictions", json={"input": big}, headers={"Prefer": "wait=1"})
     assert slow.json()["status"] == "starting"  # not finished within 1 s: Replicate's blocking API says starting
-    http.post(f"/v1/predictions/{slow.json()['id']}/cancel")
+    for job in [*ahead, slow.json()["id"]]:
+        http.post(f"/v1/predictions/{job}/cancel")
     bad = http.post("/v1/predictions", json={"input": {"prompt": "a dog"}}, headers={"Prefer": "wait=abc"})
     assert bad.status_code == 400 and "Prefer" in bad.json()["detail"]
 
