@@ -49,7 +49,9 @@ def test_generate_writes_images_with_parameters_and_replays(tiny_dev_folder, tmp
 
     replay = tmp_path / "replay.png"
     assert main(["generate", "--from-image", str(first), "--output", str(replay), "--quiet"]) == 0
-    assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(replay)))
+    # The original was generated in a batch of two, the replay alone: CPU matmul kernels may round the last bit
+    # differently for another batch size, so the replay matches within 2/255 rather than bitwise.
+    assert np.abs(np.asarray(Image.open(first), float) - np.asarray(Image.open(replay), float)).max() <= 2
     assert (
         np.abs(np.asarray(Image.open(first), float) - np.asarray(Image.open(tmp_path / "img-6.png"), float)).max() > 0
     )

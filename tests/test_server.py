@@ -58,7 +58,8 @@ def test_openai_client_generates_n_images_of_the_requested_size(server):
     assert np.abs(images[0] - images[1]).mean() > 0.01  # seeds 7 and 8 differ
     again = client.images.generate(model=SCHNELL, prompt="a red circle", n=1, size="80x48",
                                    response_format="url", extra_body={"seed": 7})
-    assert np.array_equal(image_array(httpx.get(again.data[0].url).content), images[0])  # same seed, same image
+    # same seed, same image (within 2/255: a batch of two and a batch of one may round the last bit differently)
+    assert np.abs(image_array(httpx.get(again.data[0].url).content) - images[0]).max() <= 2 / 255
 
     with pytest.raises(openai.BadRequestError, match="multiple of 16"):
         client.images.generate(model=SCHNELL, prompt="x", size="81x48")
