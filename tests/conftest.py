@@ -58,9 +58,32 @@ def _word_tokenizer(kind: str):
     )
 
 
+def tiny_diffusers_transformer(guidance_embeds: bool, in_channels: int = 64, layers: int = 1, std: float = 0.2):
+    """A tiny random diffusers FluxTransformer2DModel (TEST_FLUX sizes), weights scaled so every block matters."""
+    from diffusers import FluxTransformer2DModel
+
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=in_channels,
+        out_channels=64,
+        num_layers=layers,
+        num_single_layers=layers,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=48,
+        pooled_projection_dim=32,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(4, 6, 6),
+    )
+    with torch.no_grad():
+        for p in transformer.parameters():
+            p.normal_(0, std)
+    return transformer
+
+
 def tiny_diffusers_pipeline(guidance_embeds: bool = True, in_channels: int = 64, seed: int = 0):
     """A diffusers FluxPipeline whose every component is tiny and random (weights scaled up so outputs vary)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
@@ -93,22 +116,7 @@ def tiny_diffusers_pipeline(guidance_embeds: bool = True, in_channels: int = 64,
             decoder_start_token_id=0,
         )
     )
-    transformer = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=in_channels,
-        out_channels=64,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=48,
-        pooled_projection_dim=32,
-        guidance_embeds=guidance_embeds,
-        axes_dims_rope=(4, 6, 6),
-    )
-    with torch.no_grad():
-        for p in transformer.parameters():
-            p.normal_(0, 0.2)
+    transformer = tiny_diffusers_transformer(guidance_embeds, in_channels)
     # 4 levels: an 8x autoencoder, as every Flux pipeline assumes.
     vae = AutoencoderKL(
         in_channels=3,

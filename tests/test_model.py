@@ -13,26 +13,10 @@ from fluxkit.params import FLUX_DEV, FLUX_SCHNELL, TEST_FLUX
 
 
 def _diffusers_model(guidance: bool, in_channels: int = 64):
-    from diffusers import FluxTransformer2DModel
+    from conftest import tiny_diffusers_transformer
 
     torch.manual_seed(0)
-    ref = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=in_channels,
-        out_channels=64,
-        num_layers=2,
-        num_single_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=48,
-        pooled_projection_dim=32,
-        guidance_embeds=guidance,
-        axes_dims_rope=(4, 6, 6),
-    )
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.normal_(0, 0.3)  # large enough that every block changes the output
-    return ref.eval()
+    return tiny_diffusers_transformer(guidance, in_channels, layers=2, std=0.3).eval()
 
 
 def _inputs(batch=2, h2=3, w2=4, l_txt=7, in_channels=64):
