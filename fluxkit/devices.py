@@ -29,8 +29,8 @@ def default_device() -> torch.device:
 def cpu_has_fast_bf16() -> bool:
     """True when the CPU has native bf16 dot products (AVX512-BF16 or AMX-BF16).
 
-    On this repo's 2-core AMD EPYC (avx512_bf16) bf16 matmuls run about 3-4x faster than fp32
-    (`python -m benchmarks.matmul_peak`; figures in the README). Without these instructions bf16 is emulated and slow.
+    On a 2-core AMD EPYC with avx512_bf16 bf16 matmuls run about 3-4x faster than fp32; on an AVX2-only EPYC bf16 is
+    emulated and ~50x slower than fp32 (`python -m benchmarks.matmul_peak` measures both).
     """
     if platform.system() != "Linux":
         return platform.machine() == "arm64" and platform.system() == "Darwin"  # Apple M2+ has bf16 in AMX
@@ -40,6 +40,14 @@ def cpu_has_fast_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def bf16_is_fast(device: torch.device | str) -> bool:
+    """Whether bf16 compute pays off on `device`: CUDA GPUs with bf16, CPUs with native bf16 dot products, MPS."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return cpu_has_fast_bf16() if device.type == "cpu" else device.type == "mps"
 
 
 def default_dtype(device: torch.device | str) -> torch.dtype:

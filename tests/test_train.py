@@ -195,6 +195,22 @@ def test_config_errors_name_the_key():
     assert parse_override("name=my-run") == (["name"], "my-run")
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_bf16_auto_follows_the_device(monkeypatch, capsys, fast):
+    import fluxkit.train.stages as stages
+
+    monkeypatch.setattr(stages, "bf16_is_fast", lambda device: fast)
+    cpu = Dist(0, 1, torch.device("cpu"))
+    cfg = config("base")
+    assert cfg.train.bf16 == "auto"  # the default
+    assert stages.resolve_bf16(cfg, cpu, quiet=False).train.bf16 is fast
+    assert ("no fast bf16" in capsys.readouterr().err) is not fast
+    for explicit in (True, False):  # an explicit setting wins over the device
+        assert stages.resolve_bf16(config("base", f"train.bf16={str(explicit).lower()}"), cpu, True).train.bf16 is explicit
+    with pytest.raises(ValueError, match='train.bf16 must be true, false or "auto"'):
+        config("base", "train.bf16=yes")
+
+
 def test_cli_runs_a_stage_and_reports_bad_input(runs, capsys):
     from fluxkit.cli import main
 

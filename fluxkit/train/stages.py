@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 import math
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from torch import nn
 
+from ..devices import bf16_is_fast
 from .config import TrainConfig
 from .loop import Dist, RunFolder, init_distributed, train
+
+
+def resolve_bf16(cfg: TrainConfig, dist: Dist, quiet: bool) -> TrainConfig:
+    """`train.bf16 = "auto"` made concrete for this device (the run folder keeps "auto", so resume works anywhere)."""
+    if cfg.train.bf16 != "auto":
+        return cfg
+    fast = bf16_is_fast(dist.device)
+    if not fast and not quiet and dist.is_main:
+        print(f"note: {dist.device} has no fast bf16 (no AVX512-BF16/AMX); training in fp32", file=sys.stderr)
+    return replace(cfg, train=replace(cfg.train, bf16=fast))
 
 
 @dataclass
@@ -39,6 +51,7 @@ def run_stage(cfg: TrainConfig, runs_dir: str | Path, *, resume: bool = False, m
     dist = dist or init_distributed("auto")
     deadline = time.monotonic() + 60 * max_minutes if max_minutes is not None else math.inf
     run = RunFolder.prepare(cfg, runs_dir, resume, dist)
+    cfg = resolve_bf16(cfg, dist, quiet)
     if cfg.stage == "cache":
         return StageResult(build_cache(cfg, run, dist, runs_dir, max_minutes=max_minutes, quiet=quiet), run)
     if cfg.stage == "ae":
