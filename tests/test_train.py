@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from fluxkit.train import load_config, run_stage
 from fluxkit.train.cache import LatentCache
@@ -180,6 +180,25 @@ def test_export_loads_in_the_pipeline_and_shares_one_autoencoder(runs, tmp_path)
         export_run(runs / "test-dev", tmp_path / "test-dev", ae_path="../ae.safetensors")
 
 
+def test_ae_run_adopted_from_weights_feeds_the_cache(runs, tmp_path):
+    from fluxkit.train.ae import adopt_ae, load_trained_ae
+
+    trained = runs / "test-ae" / "ae.safetensors"
+    run = adopt_ae(config("ae"), trained, tmp_path, Dist())
+    assert (run.root / "ae.safetensors").read_bytes() == trained.read_bytes()  # copied unchanged
+    mine, theirs = (json.loads((r / "ae.json").read_text()) for r in (run.root, runs / "test-ae"))
+    for key in ("scale_factor", "shift_factor"):  # measured again from the same weights and scenes
+        assert mine["params"][key] == pytest.approx(theirs["params"][key], rel=1e-4)
+    assert mine["psnr"] == pytest.approx(theirs["psnr"], rel=1e-4)
+    assert json.loads((run.root / "done.json").read_text())["adopted_from"] == str(trained)
+    assert run_stage(config("cache", "name=adopted-cache", "cache.ae=test-ae"), tmp_path, quiet=True).finished
+    assert load_trained_ae(run.root).params == load_trained_ae(runs / "test-ae").params
+    save_file({"decoder.conv_in.weight": torch.zeros(1)}, tmp_path / "wrong.safetensors")
+    with pytest.raises(ValueError, match="does not match the autoencoder"):
+        adopt_ae(config("ae", "name=other"), tmp_path / "wrong.safetensors", tmp_path, Dist())
+    assert not (tmp_path / "other").exists()  # nothing half-written
+
+
 def test_config_errors_name_the_key():
     with pytest.raises(ValueError, match=r"\[train\] has unknown keys \['stepz'\]"):
         config("base", "train.stepz=3")
@@ -206,7 +225,8 @@ def test_bf16_auto_follows_the_device(monkeypatch, capsys, fast):
     assert stages.resolve_bf16(cfg, cpu, quiet=False).train.bf16 is fast
     assert ("no fast bf16" in capsys.readouterr().err) is not fast
     for explicit in (True, False):  # an explicit setting wins over the device
-        assert stages.resolve_bf16(config("base", f"train.bf16={str(explicit).lower()}"), cpu, True).train.bf16 is explicit
+        cfg = config("base", f"train.bf16={str(explicit).lower()}")
+        assert stages.resolve_bf16(cfg, cpu, True).train.bf16 is explicit
     with pytest.raises(ValueError, match='train.bf16 must be true, false or "auto"'):
         config("base", "train.bf16=yes")
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import shutil
 from collections import defaultdict
 from pathlib import Path
 
@@ -107,15 +109,40 @@ class AETask:
         save_grid([to_uint8(x), to_uint8(ema.decoder(mean))], path, ["scene", "recon"])
 
     def finish(self, ema: nn.Module, run: RunFolder) -> dict:
-        shift, scale = latent_statistics(ema, self.cfg.data.sizes, self.opts.stats_scenes, self.opts.eval_seed + 1,
-                                         self.dist.device)
-        params = dataclasses.replace(self.params, scale_factor=scale, shift_factor=shift)
-        psnr = reconstruction_psnr(ema, self.cfg.data.sizes, self.opts.eval_scenes, self.opts.eval_seed,
-                                   self.dist.device)
         save_file({k: v.detach().float().contiguous().cpu() for k, v in ema.state_dict().items()}, run.root / AE_FILE)
-        meta = {"params": dataclasses.asdict(params), **psnr}
-        atomic_write_text(run.root / AE_META, json.dumps(meta, indent=2))
-        return {"scale_factor": scale, "shift_factor": shift, **psnr}
+        return describe_ae(ema, self.cfg, run.root, self.dist.device)
+
+
+def describe_ae(ae: AutoEncoder, cfg: TrainConfig, root: Path, device: torch.device) -> dict:
+    """Data-derived scale/shift and held-out PSNR of a trained autoencoder, written to root/ae.json; the summary."""
+    opts: AEOptions = cfg.options
+    shift, scale = latent_statistics(ae, cfg.data.sizes, opts.stats_scenes, opts.eval_seed + 1, device)
+    params = dataclasses.replace(ae.params, scale_factor=scale, shift_factor=shift)
+    psnr = reconstruction_psnr(ae, cfg.data.sizes, opts.eval_scenes, opts.eval_seed, device)
+    atomic_write_text(root / AE_META, json.dumps({"params": dataclasses.asdict(params), **psnr}, indent=2))
+    return {"scale_factor": scale, "shift_factor": shift, **psnr}
+
+
+def adopt_ae(cfg: TrainConfig, weights: Path, runs_dir: Path, dist: Dist) -> RunFolder:
+    """A finished `ae` run made from already-trained weights (e.g. the shipped fluxkit/weights/ae.safetensors), so the
+    later stages can start without retraining it: the file is copied unchanged (exports that share it stay
+    bit-identical), its scale/shift factors and PSNR are measured as the ae stage's ending measures them."""
+    weights = Path(weights)
+    if weights.suffix != ".safetensors" or not weights.is_file():
+        raise ValueError(f"--from-weights needs an existing .safetensors file, got {weights}")
+    ae = AutoEncoder(cfg.spec().ae)
+    try:
+        ae.load_state_dict(load_file(weights), strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{weights} does not match the autoencoder of preset {cfg.model!r}: {e}") from None
+    ae = ae.to(dist.device).eval().requires_grad_(False)
+    run = RunFolder.prepare(cfg, runs_dir, False, dist)
+    tmp = run.root / (AE_FILE + ".tmp")
+    shutil.copyfile(weights, tmp)
+    os.replace(tmp, run.root / AE_FILE)
+    summary = describe_ae(ae, cfg, run.root, dist.device)
+    run.mark_done({"stage": "ae", "adopted_from": str(weights), **summary})
+    return run
 
 
 @torch.no_grad()

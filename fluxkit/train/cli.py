@@ -29,6 +29,9 @@ def add_parser(p: argparse.ArgumentParser) -> None:
                    help="auto: CUDA when present (each torchrun rank takes cuda:LOCAL_RANK)")
     p.add_argument("--threads", type=int, help="torch CPU threads per process (default: torch's choice)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.add_argument("--from-weights", type=Path, metavar="AE.safetensors",
+                   help="ae stage only: finish the run from already-trained autoencoder weights (measures its "
+                        "scale/shift and PSNR) instead of training one")
     p.add_argument("--export", type=Path, metavar="RUN",
                    help="instead of training: copy a finished transformer run's model to --out")
     p.add_argument("--out", type=Path, help="with --export: the model folder to write")
@@ -60,6 +63,17 @@ def run(args: argparse.Namespace) -> int:
     from .stages import run_stage
 
     dist = init_distributed(args.device)
+    if args.from_weights is not None:
+        from .ae import adopt_ae
+
+        try:
+            if cfg.stage != "ae":
+                raise ValueError(f"--from-weights applies to the ae stage, not {cfg.stage!r}")
+            run = adopt_ae(cfg, args.from_weights, runs_dir_from(args), dist)
+        finally:
+            shutdown_distributed(dist)
+        print(f"{cfg.name}: finished from {args.from_weights}; outputs in {run.root}")
+        return 0
     try:
         result = run_stage(cfg, runs_dir_from(args), resume=args.resume, max_minutes=args.max_minutes,
                            quiet=args.quiet, dist=dist)

@@ -1,4 +1,5 @@
-"""One entry point for every stage: `run_stage(cfg, runs_dir, ...)`, used by the CLI, torchrun and the tests."""
+"""One entry point for every stage (ae, cache, base, dev, schnell and the fill / canny / kontext variants):
+`run_stage(cfg, runs_dir, ...)`, used by the CLI, torchrun and the tests."""
 
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ def run_stage(cfg: TrainConfig, runs_dir: str | Path, *, resume: bool = False, m
     from .cache import build_cache
     from .distill import DevTask, SchnellTask
     from .flow import BaseTask
+    from .variants import TASKS as VARIANT_TASKS
 
     if max_minutes is not None and max_minutes <= 0:
         raise ValueError(f"max_minutes must be positive, got {max_minutes}")
@@ -60,6 +62,8 @@ def run_stage(cfg: TrainConfig, runs_dir: str | Path, *, resume: bool = False, m
         task = BaseTask(cfg, dist, runs_dir)
     elif cfg.stage == "dev":
         task = DevTask(cfg, dist, runs_dir)
+    elif cfg.stage in VARIANT_TASKS:
+        task = VARIANT_TASKS[cfg.stage](cfg, dist, runs_dir)
     else:
         task = SchnellTask(cfg, dist, runs_dir, run, deadline, quiet)
         if not task.ready:  # the time budget ran out while the teacher trajectories were being computed
