@@ -3,12 +3,18 @@
 fluxkit eval --model fluxkit-tiny-dev --out runs/eval-dev
 fluxkit eval --model fluxkit-tiny-schnell --steps 2 --quick
 fluxkit eval --ground-truth            # the checker's ceiling on the generator's own renders
+fluxkit eval --task fill --model runs/tiny-fill --out runs/eval-fill     # conditioned generation (issue #6)
+fluxkit eval --task control --model runs/tiny-canny --baseline-model fluxkit-tiny-dev
+fluxkit eval --task edit --ground-truth
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+
+TASKS = ("fill", "control", "edit", "regional")  # fluxkit.eval.tasks.TASKS, not imported here to keep --help fast
+TASK_ITEMS, QUICK_ITEMS = 32, 8
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
@@ -25,6 +31,11 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=int, nargs=2, default=[128, 128], metavar=("WIDTH", "HEIGHT"))
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", type=Path, help="folder for results.json and grid.png")
+    p.add_argument("--task", choices=TASKS, help="score a conditioned-generation task instead of the suite")
+    p.add_argument(
+        "--items", type=int, help=f"--task: items per seed (default {TASK_ITEMS}, {QUICK_ITEMS} with --quick)"
+    )
+    p.add_argument("--baseline-model", help="--task control: a text-to-image model run without the control image")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.set_defaults(run=run)
@@ -63,7 +74,56 @@ def make_generate(pipe, width: int, height: int, steps: int | None, guidance: fl
     return generate
 
 
+def _load(args, name: str, transformer=None):
+    import torch
+
+    from ..devices import default_device, parse_dtype
+    from ..pipeline import FluxPipeline
+
+    device = default_device() if args.device == "auto" else torch.device(args.device)
+    dtype = None if args.dtype == "auto" else parse_dtype(args.dtype)
+    return FluxPipeline.from_pretrained(
+        name, torch_dtype=dtype, device=device, transformer=transformer, quantize=args.quantize
+    )
+
+
+def run_task(args) -> int:
+    """`--task`: build the task's items, generate them with the model (or score the ground truth), print a table."""
+    from .task_run import run_task_eval, score_task_ground_truth
+    from .tasks import build_task_items
+
+    if args.true_cfg != 1.0:
+        raise ValueError("--true-cfg is not supported with --task")
+    if args.baseline_model and args.task != "control":
+        raise ValueError(f"--baseline-model applies to --task control only, got --task {args.task}")
+    n = args.items if args.items is not None else QUICK_ITEMS if args.quick else TASK_ITEMS
+    items = build_task_items(args.task, n, seeds=tuple(args.seeds), size=tuple(args.size))
+    if args.ground_truth:
+        score_task_ground_truth(items, args.out)
+        return 0
+    cache = parse_cache(args.cache) if args.cache else None
+    pipe = _load(args, args.model or "fluxkit-tiny-dev", args.transformer)
+    if cache is not None:
+        pipe.transformer.enable_cache(cache)
+    baseline = _load(args, args.baseline_model) if args.baseline_model else None
+    run_task_eval(
+        pipe,
+        args.task,
+        items,
+        steps=args.steps,
+        guidance=args.guidance,
+        batch_size=args.batch_size,
+        baseline=baseline,
+        out=args.out,
+    )
+    return 0
+
+
 def run(args) -> int:
+    if args.task is not None:
+        return run_task(args)
+    if args.items is not None or args.baseline_model is not None:
+        raise ValueError("--items and --baseline-model need --task")
     from .run import run_eval, score_ground_truth
     from .suite import build_suite
 
@@ -71,21 +131,8 @@ def run(args) -> int:
     if args.ground_truth:
         score_ground_truth(suite, args.out)
         return 0
-    import torch
-
-    from ..devices import default_device, parse_dtype
-    from ..pipeline import FluxPipeline
-
     cache = parse_cache(args.cache) if args.cache else None
-    device = default_device() if args.device == "auto" else torch.device(args.device)
-    dtype = None if args.dtype == "auto" else parse_dtype(args.dtype)
-    pipe = FluxPipeline.from_pretrained(
-        args.model or "fluxkit-tiny-dev",
-        torch_dtype=dtype,
-        device=device,
-        transformer=args.transformer,
-        quantize=args.quantize,
-    )
+    pipe = _load(args, args.model or "fluxkit-tiny-dev", args.transformer)
     if cache is not None:
         pipe.transformer.enable_cache(cache)
     generate = make_generate(pipe, args.size[0], args.size[1], args.steps, args.guidance, args.true_cfg)

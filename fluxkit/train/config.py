@@ -2,7 +2,7 @@
 
 A config names its stage, run, seed and model preset, then one table per concern:
 
-    stage = "base"              # ae | cache | base | dev | schnell
+    stage = "base"              # ae | cache | base | dev | schnell | fill | canny | kontext
     name = "tiny-base"          # run folder under the runs dir
     seed = 0
     [model]   preset = "tiny-base"   (+ optional [model.flux] / [model.ae] field overrides, for test-sized nets)
@@ -10,7 +10,8 @@ A config names its stage, run, seed and model preset, then one table per concern
     [optim]   AdamW and the LR schedule
     [train]   steps, batch size, EMA, bf16, checkpoint / sample / plot intervals
     [sample]  what the sample grids show
-    [ae] | [cache] | [flow] | [distill]   the stage's own options (only the table of its stage is allowed)
+    [ae] | [cache] | [flow] | [distill] | [fill] | [canny] | [kontext]   the stage's own options (only the table of
+              its stage is allowed)
 
 Every key is checked: an unknown key or a wrong type is a ValueError naming it. `--set train.steps=10` overrides.
 """
@@ -26,8 +27,9 @@ from pathlib import Path
 
 from ..params import ModelSpec, preset
 
-STAGES = ("ae", "cache", "base", "dev", "schnell")
-STAGE_TABLE = {"ae": "ae", "cache": "cache", "base": "flow", "dev": "distill", "schnell": "distill"}
+STAGES = ("ae", "cache", "base", "dev", "schnell", "fill", "canny", "kontext")
+STAGE_TABLE = {"ae": "ae", "cache": "cache", "base": "flow", "dev": "distill", "schnell": "distill", "fill": "fill",
+               "canny": "canny", "kontext": "kontext"}
 # Keys that may change between sessions of one run (`--resume`): lengthening it, intervals, speed options (compile
 # and checkpointing change rounding, not the recipe) and the sample grids. Anything else must match the saved config.
 RESUMABLE_CHANGES = {"train.steps", "train.checkpoint_every", "train.sample_every", "train.plot_every",
@@ -160,6 +162,78 @@ class DistillOptions:
 
 
 @dataclass(frozen=True)
+class VariantOptions:
+    """What the conditioned-variant stages (fill, canny, kontext; fluxkit.train.variants) share."""
+
+    init: str = "tiny-dev"  # a finished transformer run (its EMA weights) or a fluxkit model folder to start from
+    cache: str = "tiny-cache"  # the cache whose autoencoder the init model was trained on (it encodes every image)
+    mode: str = "full"  # "full": train every weight, export a model folder; "lora": rank-r LoRA (+ widened img_in)
+    rank: int = 16  # lora: adapter rank (capped at min(in, out) per module, as BFL's control LoRAs are)
+    alpha: float = 16.0  # lora: scale alpha / rank
+    lora_targets: tuple[str, ...] = ()  # lora: linear names or dotted suffixes; () = every linear, as BFL's
+    guidance: float = 3.5  # the guidance value a guidance-distilled init model is fed while training
+    caption_dropout: float = 0.1  # empty-prompt rate (keeps true CFG / the unconditioned velocity working)
+    logit_mean: float = 0.0  # t = time_shift(mu(L), sigmoid(N(logit_mean, logit_std))), as the base stage
+    logit_std: float = 1.0
+    export_dtype: str = "bfloat16"  # of the exported model and LoRA file (as shipped); "float32" keeps them exact
+
+    def __post_init__(self) -> None:
+        if self.export_dtype not in ("bfloat16", "float32"):
+            raise ValueError(f"{self.table()}.export_dtype must be 'bfloat16' or 'float32', got {self.export_dtype!r}")
+        if self.mode not in ("full", "lora"):
+            raise ValueError(f"{self.table()}.mode must be 'full' or 'lora', got {self.mode!r}")
+        if self.rank < 1 or self.alpha <= 0 or self.guidance < 0:
+            raise ValueError(f"{self.table()}: need rank >= 1, alpha > 0 and guidance >= 0, got {self.rank}, "
+                             f"{self.alpha}, {self.guidance}")
+        if not 0 <= self.caption_dropout < 1 or self.logit_std <= 0:
+            raise ValueError(f"{self.table()}: need 0 <= caption_dropout < 1 and logit_std > 0, got "
+                             f"{self.caption_dropout}, {self.logit_std}")
+
+    @classmethod
+    def table(cls) -> str:
+        return cls.__name__.removesuffix("Options").lower()
+
+    def _check_choices(self, name: str, allowed: tuple[str, ...]) -> None:
+        value = getattr(self, name)
+        if not value or any(v not in allowed for v in value):
+            raise ValueError(f"{self.table()}.{name} must be a non-empty list from {allowed}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class FillOptions(VariantOptions):
+    # Mask kinds, drawn uniformly per image (repeat one to weight it): an object's (or the sign's) box grown by
+    # mask_margin, 1-3 random rectangles, or borders of 1-4 sides (outpainting).
+    masks: tuple[str, ...] = ("object", "rectangles", "outpaint")
+    mask_margin: float = 0.08  # fraction of the short image side
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._check_choices("masks", ("object", "rectangles", "outpaint"))
+        if not 0 <= self.mask_margin < 0.5:
+            raise ValueError(f"fill.mask_margin must be in [0, 0.5), got {self.mask_margin}")
+
+
+@dataclass(frozen=True)
+class CannyOptions(VariantOptions):
+    # Edge maps, drawn per image: "scene" = the renderer's exact region boundaries, "canny" = fluxkit.control.canny
+    # of the rendered image (what `--control canny` computes from a user's picture).
+    edges: tuple[str, ...] = ("scene", "canny")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._check_choices("edges", ("scene", "canny"))
+
+
+@dataclass(frozen=True)
+class KontextOptions(VariantOptions):
+    edits: tuple[str, ...] = ("recolor", "remove", "move")  # fluxkit.data edits, one drawn per pair
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._check_choices("edits", ("recolor", "remove", "move"))
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     stage: str
     name: str
@@ -171,7 +245,7 @@ class TrainConfig:
     optim: OptimConfig = OptimConfig()
     train: LoopConfig = LoopConfig()
     sample: SampleConfig = SampleConfig()
-    options: AEOptions | CacheOptions | FlowOptions | DistillOptions | None = None
+    options: AEOptions | CacheOptions | FlowOptions | DistillOptions | VariantOptions | None = None
 
     def spec(self) -> ModelSpec:
         """The model preset with the config's [model.flux] / [model.ae] field overrides applied."""
@@ -184,7 +258,8 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-OPTION_TYPES = {"ae": AEOptions, "cache": CacheOptions, "flow": FlowOptions, "distill": DistillOptions}
+OPTION_TYPES = {"ae": AEOptions, "cache": CacheOptions, "flow": FlowOptions, "distill": DistillOptions,
+                "fill": FillOptions, "canny": CannyOptions, "kontext": KontextOptions}
 SECTIONS = {"data": DataConfig, "optim": OptimConfig, "train": LoopConfig, "sample": SampleConfig}
 
 

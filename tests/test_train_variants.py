@@ -1,0 +1,292 @@
+"""`fluxkit train` stages fill / canny / kontext on test-sized configs: they run and export, start as their init
+model, feed the model exactly what the inference hooks build, learn, resume exactly, and their exports (model
+folders and BFL-layout LoRA files) load in FluxFillPipeline / FluxControlPipeline / FluxKontextPipeline."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from fluxkit import sampling
+from fluxkit.conditioning import Control, Fill, Kontext
+from fluxkit.data import SceneDataset, render
+from fluxkit.pipeline import FluxPipeline
+from fluxkit.train import load_config, run_stage
+from fluxkit.train.loop import Dist, RunFolder, make_optimizer, step_generator
+from fluxkit.train.variants import TASKS, load_init
+from fluxkit.train.variants_data import KONTEXT_KINDS, edit_pair, fill_mask, kontext_examples, scene_datasets
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+VARIANTS = ("fill", "canny", "kontext")
+EXTRA = {"fill": 64 + 4 * 8 * 8, "canny": 64, "kontext": 0}  # the test autoencoder downsamples 8x
+
+
+def config(stage: str, *overrides: str):
+    return load_config(CONFIGS / f"test-{stage}.toml", list(overrides))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    """test-ae -> test-cache -> test-base -> test-dev, then 3 steps of each variant (full) and of fill as a LoRA."""
+    runs_dir = tmp_path_factory.mktemp("runs")
+    for stage in ("ae", "cache", "base", "dev", *VARIANTS):
+        assert run_stage(config(stage), runs_dir, quiet=True).finished, stage
+    for stage in ("fill", "kontext"):
+        lora = run_stage(config(stage, f"name=test-{stage}-lora", f"{stage}.mode=lora"), runs_dir, quiet=True)
+        assert lora.finished
+    return runs_dir
+
+
+def init_model(runs: Path, stage: str):
+    return load_init(runs, "test-dev", config(stage).spec().flux, torch.device("cpu")).eval()
+
+
+def random_inputs(batch: int, seq: int, channels: int):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, seq, channels, generator=gen)
+    txt, vec = torch.randn(batch, 16, 384, generator=gen), torch.randn(batch, 384, generator=gen)
+    img_ids = sampling.image_ids(batch, 2, 2)
+    return x, img_ids, txt, sampling.text_ids(batch, 16), torch.tensor([0.3, 0.8][:batch]), vec, torch.full(
+        (batch,), 3.5)
+
+
+@pytest.mark.parametrize("stage", VARIANTS)
+def test_variant_run_finishes_with_samples_and_a_widened_export(runs, stage):
+    run = runs / f"test-{stage}"
+    done = json.loads((run / "done.json").read_text())
+    assert done["steps"] == 3 and done["in_channels"] == 64 + EXTRA[stage] and done["mode"] == "full"
+    assert {p.name for p in (run / "samples").glob("*.png")} == {"step-00000002.png", "step-00000003.png"}
+    grid = Image.open(run / "samples" / "step-00000003.png")
+    assert grid.height > 3 * 32  # condition, output and target rows
+    spec = json.loads((run / "export" / "fluxkit.json").read_text())["spec"]
+    assert spec["flux"]["in_channels"] == 64 + EXTRA[stage] and spec["name"] == f"test-{stage}"
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+@pytest.mark.parametrize("stage", VARIANTS)
+def test_model_starts_as_its_init_on_plain_latents(runs, stage, mode):
+    task = TASKS[stage](config(stage, f"{stage}.mode={mode}"), Dist(), runs)
+    assert task.model.img_in.in_features == 64 + EXTRA[stage] == task.spec.flux.in_channels
+    trainable = {n for n, p in task.model.named_parameters() if p.requires_grad}
+    if mode == "lora":  # adapters on every linear, a widened img_in in full instead; the rest of the init is frozen
+        full = {"img_in.weight", "img_in.bias"} if EXTRA[stage] else set()
+        assert {n for n in trainable if ".adapters.lora." not in n} == full
+        assert ("img_in.adapters.lora.down" in trainable) == (not EXTRA[stage])
+        assert "double_blocks.0.img_attn.qkv.adapters.lora.up" in trainable and "final_layer.linear.base.weight" \
+            not in trainable
+    x, img_ids, txt, txt_ids, t, vec, g = random_inputs(2, 4, 64)
+    extra = torch.zeros(2, 4, EXTRA[stage])
+    with torch.no_grad():
+        widened = task.model.eval()(torch.cat((x, extra), dim=2), img_ids, txt, txt_ids, t, vec, g)
+        torch.testing.assert_close(widened, init_model(runs, stage)(x, img_ids, txt, txt_ids, t, vec, g))
+
+
+def hook_input(stage: str, b, pipe, x: torch.Tensor):
+    """What the pipeline feeds the transformer for noise x, by the hook protocol (`Conditioning`): encode, then
+    prepare after the noise draw, then model_input; Fill/Control get the batch's posterior-sample seed."""
+    h, w = (s // 8 for s in b.images.shape[-2:])
+    batch, seeded = x.shape[0], torch.Generator().manual_seed(b.cond_seed) if b.cond_seed is not None else None
+    img_ids = sampling.image_ids(batch, h // 2, w // 2)
+    sigmas = sampling.get_schedule(4, x.shape[1], shift=sampling.ShiftConfig())
+    if stage == "fill":
+        hook = Fill(b.images, b.masks)
+        hook.encode(pipe, batch, torch.Generator().manual_seed(123), (h, w))  # the start image's draw (unused)
+        x_start, img_ids, _, _ = hook.prepare(pipe, x, img_ids, sigmas, seeded, (h, w))
+        assert torch.equal(x_start, x)  # strength 1: the start is the noise itself
+    elif stage == "canny":
+        hook = Control(b.images)
+        hook.encode(pipe, batch, seeded, (h, w))
+    else:
+        hook = Kontext(b.images)
+        hook.encode(pipe, batch, None, (h, w))
+        _, img_ids, _, _ = hook.prepare(pipe, x, img_ids, sigmas, None, (h, w))
+    return hook.model_input(x), img_ids
+
+
+@pytest.mark.parametrize("stage", VARIANTS)
+def test_training_input_is_what_the_inference_hook_builds(runs, stage):
+    task = TASKS[stage](config(stage), Dist(), runs)
+    b = task.batch(step_generator(0, stage, 5, 0))
+    batch, seq = b.flow.x0.shape[:2]
+    x = torch.randn(batch, seq, 64, generator=torch.Generator().manual_seed(2))
+    pipe = FluxPipeline(task.model, task.ae, None, task.spec)
+    mine, mine_ids = b.model_input(x)
+    theirs, their_ids = hook_input(stage, b, pipe, x)
+    assert mine.shape == (batch, seq * (2 if stage == "kontext" else 1), 64 + EXTRA[stage])
+    torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-6)
+    assert torch.equal(mine_ids, their_ids)
+    # What the condition shows: fill's image is the target scene itself (the hook masks it), canny's a white-on-black
+    # edge map, kontext's the scene before the edit (the target is the scene after it).
+    with torch.no_grad():
+        shown = sampling.pack(task.ae.encode(b.images * 2 - 1))  # [B, L, 64] posterior mean
+    if stage == "fill":
+        torch.testing.assert_close(shown, b.flow.x0, atol=1e-5, rtol=1e-5)
+        assert 0 < b.masks.mean() < 1 and set(b.masks.unique().tolist()) <= {0.0, 1.0}
+    elif stage == "canny":
+        assert ((b.images == 0) | (b.images == 1)).all() and 0 < b.images.mean() < 0.5
+    else:
+        assert not torch.allclose(shown, b.flow.x0, atol=1e-3) and all(b.prompts)
+
+
+@pytest.mark.parametrize("stage", ["canny", "kontext"])
+def test_the_pipeline_feeds_its_transformer_the_training_input(runs, stage):
+    """End to end through FluxPipeline (start latents given, so no noise draw): the transformer's first call sees
+    what training builds. (Fill draws the start image's posterior first, so only the hook protocol matches it.)"""
+    task = TASKS[stage](config(stage), Dist(), runs)
+    b = task.batch(step_generator(0, stage, 7, 0))
+    batch, seq = b.flow.x0.shape[:2]
+    x = torch.randn(batch, seq, 64, generator=torch.Generator().manual_seed(3))
+    calls = []
+    task.model.register_forward_pre_hook(lambda module, args: calls.append(args))
+    hook = Control(b.images) if stage == "canny" else Kontext(b.images)
+    gen = torch.Generator().manual_seed(b.cond_seed) if b.cond_seed is not None else None
+    FluxPipeline(task.model.eval(), task.ae, None, task.spec)(
+        prompt_embeds=b.flow.txt, pooled_prompt_embeds=b.flow.vec, conditioning=hook, height=b.images.shape[-2],
+        width=b.images.shape[-1], num_inference_steps=1, latents=x, generator=gen, guidance_scale=3.5,
+        output_type="latent")
+    img, img_ids, txt, _, t, vec, g = calls[0]
+    mine, mine_ids = b.model_input(x)
+    torch.testing.assert_close(img, mine, rtol=0, atol=1e-6)
+    assert torch.equal(img_ids, mine_ids) and torch.equal(txt, b.flow.txt) and torch.equal(vec, b.flow.vec)
+    assert t.tolist() == [1.0] * batch and g.tolist() == [task.opts.guidance] * batch
+
+
+@pytest.mark.parametrize("stage", VARIANTS)
+def test_loss_goes_down_when_overfitting_one_batch(runs, stage):
+    cfg = config(stage, "optim.lr=0.003")
+    task = TASKS[stage](cfg, Dist(), runs)
+    opt = make_optimizer(task.model, cfg.optim)
+    batch, losses = task.batch(step_generator(0, stage, 0, 0)), []
+    for _ in range(25):
+        loss = task.batch_losses(task.net, batch, step_generator(0, stage, 1, 0))["loss"]  # the same t and noise
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_resume_after_time_budget_equals_uninterrupted_run(runs):
+    args = ("train.steps=4", "fill.mode=lora")
+    straight = run_stage(config("fill", "name=straight-fill", *args), runs, quiet=True)
+    cut = run_stage(config("fill", "name=cut-fill", *args), runs, max_minutes=1e-9, quiet=True)
+    assert (cut.finished, cut.step) == (False, 1)
+    resumed = run_stage(config("fill", "name=cut-fill", *args), runs, resume=True, quiet=True)
+    assert resumed.finished and resumed.step == 4
+    for a, b in ((straight.model, resumed.model), (straight.ema, resumed.ema)):
+        for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.equal(x, y), name
+    a, b = (load_file(runs / f"{name}/lora.safetensors") for name in ("straight-fill", "cut-fill"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def scene_inputs(size=(48, 32)):
+    """A scene image, a mask over its first object's box, and its edge map, as PIL images."""
+    sample = SceneDataset(5, 1, sizes=(size,), kinds=("single",))[0]
+    mask = fill_mask(sample.scene, "object", random.Random(0), 0.08)
+    edges = render(sample.scene).edges()
+    return (Image.fromarray(sample.image), Image.fromarray(mask.astype(np.uint8) * 255),
+            Image.fromarray(edges.astype(np.uint8) * 255).convert("RGB"))
+
+
+def generate(pipe, stage: str, **kw):
+    image, mask, edges = scene_inputs()
+    common = dict(num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np", **kw)
+    if stage == "fill":
+        return pipe("a red circle", image=image, mask_image=mask, **common).images
+    if stage == "canny":
+        return pipe("a red circle", control_image=edges, **common).images
+    return pipe(image, "make the circle blue", max_area=48 * 32, _auto_resize=False, **common).images
+
+
+PIPELINES = {"fill": "FluxFillPipeline", "canny": "FluxControlPipeline", "kontext": "FluxKontextPipeline"}
+
+
+@pytest.mark.parametrize("stage", VARIANTS)
+def test_export_generates_in_its_pipeline(runs, stage):
+    import fluxkit
+
+    pipe = getattr(fluxkit, PIPELINES[stage]).from_pretrained(runs / f"test-{stage}" / "export",
+                                                             torch_dtype=torch.float32)
+    assert pipe.transformer.img_in.in_features == 64 + EXTRA[stage]
+    images = generate(pipe, stage)
+    assert images.shape == (1, 32, 48, 3) and np.isfinite(images).all()
+
+
+@pytest.mark.parametrize("stage", ["fill", "kontext"])
+def test_lora_export_loads_onto_the_init_model_and_equals_the_trained_one(runs, stage):
+    import fluxkit
+
+    run = runs / f"test-{stage}-lora"
+    assert json.loads((run / "done.json").read_text())["lora"] == "lora.safetensors"
+    base = getattr(fluxkit, PIPELINES[stage]).from_pretrained(runs / "test-dev" / "export", torch_dtype=torch.float32,
+                                                             transformer=init_model(runs, stage))
+    report = base.load_lora_weights(run / "lora.safetensors")
+    assert report.img_in_width == (64 + EXTRA[stage] if EXTRA[stage] else None) and report.format == "bfl"
+    assert base.transformer.img_in.in_features == base.transformer.params.in_channels == 64 + EXTRA[stage]
+    merged = fluxkit.FluxPipeline.from_pretrained(run / "export", torch_dtype=torch.float32).transformer
+    inputs = random_inputs(2, 4, 64 + EXTRA[stage])
+    trained = TASKS[stage](config(stage, f"name=test-{stage}-lora", f"{stage}.mode=lora"), Dist(), runs).model
+    trained.load_state_dict(RunFolder(run).load_ema(), strict=True)  # the EMA weights the export was made from
+    with torch.no_grad():
+        loaded = base.transformer(*inputs)
+        x, *rest = random_inputs(2, 4, 64)
+        plain = base.transformer(torch.cat((x, torch.zeros(2, 4, EXTRA[stage])), dim=2), *rest)
+        assert (plain - init_model(runs, stage)(x, *rest)).abs().max() > 1e-4  # the LoRA changed the model
+        torch.testing.assert_close(loaded, trained.eval()(*inputs), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(loaded, merged(*inputs), atol=1e-5, rtol=1e-5)
+    assert generate(base, stage).shape == (1, 32, 48, 3)
+
+
+def test_fill_masks_cover_what_they_say():
+    sample = SceneDataset(3, 1, sizes=((48, 32),), kinds=("single",))[0]
+    rng = random.Random(0)
+    obj = fill_mask(sample.scene, "object", rng, 0.08)
+    assert obj[sample.masks[0]].all() and obj.mean() < 0.9  # the object is inside, most of the frame is not
+    for _ in range(5):
+        border = fill_mask(sample.scene, "outpaint", rng, 0.08)
+        assert border.any() and not border[12:20, 20:28].any()  # some side, never the centre
+        edges = border[0].all() or border[-1].all() or border[:, 0].all() or border[:, -1].all()
+        assert edges
+        assert 0 < fill_mask(sample.scene, "rectangles", rng, 0.08).mean() < 1
+
+
+def test_kontext_pairs_replace_scenes_no_edit_fits():
+    datasets = scene_datasets(0, 50, ((48, 32),), KONTEXT_KINDS)
+    singles = [SceneDataset(1, 3, sizes=((48, 32),), kinds=("single",))[i] for i in range(3)]
+    assert edit_pair(singles[0].scene, random.Random(0), ("remove",)) is None  # one object cannot be removed
+    ex = kontext_examples(singles, random.Random(0), ("remove",), datasets)
+    assert len(ex.prompts) == 3 and all(t.shape == (32, 48, 3) for t in ex.targets + ex.conditions)
+    assert all(not np.array_equal(a, b) for a, b in zip(ex.targets, ex.conditions))  # an object is gone
+
+
+def test_variant_config_errors_name_the_key(runs):
+    with pytest.raises(ValueError, match="fill.mode must be 'full' or 'lora'"):
+        config("fill", "fill.mode=half")
+    with pytest.raises(ValueError, match=r"fill.masks must be a non-empty list from"):
+        config("fill", "fill.masks=['ellipse']")
+    with pytest.raises(ValueError, match=r"\[fill\] has unknown keys \['edges'\]"):
+        config("fill", "fill.edges=['scene']")
+    with pytest.raises(ValueError, match="kontext.edits"):
+        config("kontext", "kontext.edits=[]")
+    with pytest.raises(ValueError, match="lora_targets"):
+        TASKS["canny"](config("canny", "canny.mode=lora", "canny.lora_targets=['nope']"), Dist(), runs)
+
+
+def test_init_may_be_a_model_folder(runs):
+    params = config("fill").spec().flux
+    folder = load_init(runs, str(runs / "test-dev" / "export"), params, torch.device("cpu"))  # bf16 weights
+    run = init_model(runs, "fill")
+    assert all(p.requires_grad and p.dtype == torch.float32 for p in folder.parameters())
+    for (name, a), b in zip(folder.state_dict().items(), run.state_dict().values()):
+        assert torch.equal(a, b.to(torch.bfloat16).float()), name
+    with pytest.raises(ValueError, match="is not the config's model"):
+        load_init(runs, str(runs / "test-dev" / "export"), replace(params, depth=2), torch.device("cpu"))
