@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole tiny-family recipe, one command: runs every stage in order, each resumable. Re-run it after an
 # interruption and it continues where it stopped (finished stages are skipped). Then exports the shipped models.
-#   FLUXKIT_RUNS=/path/to/runs scripts/train_tiny_family.sh      (default runs dir: ./runs; ~2 h on 2 CPU cores with
-#   AVX512-BF16; an AVX2-only CPU computes in fp32, ~20x slower: use a GPU there)
+#   FLUXKIT_RUNS=/path/to/runs scripts/train_tiny_family.sh [--tools]
+# (default runs dir: ./runs; ~2 h on 2 CPU cores with AVX512-BF16, --tools adds fill/canny/kontext; an AVX2-only CPU
+# computes in fp32, ~12x slower: use a GPU there)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${FLUXKIT_RUNS:-runs}
@@ -19,3 +20,13 @@ done
 for model in dev schnell; do
     .venv/bin/fluxkit train --export "$runs/tiny-$model" --out "fluxkit/weights/tiny-$model" --ae-path ../ae.safetensors
 done
+# The FLUX.1 tools variants (issue #6), fine-tuned from tiny-dev as control LoRAs (~4.5 MB each): only with --tools.
+if [[ "${1:-}" == "--tools" ]]; then
+    for stage in fill canny kontext; do
+        [[ -f "$runs/tiny-$stage/done.json" ]] && continue
+        .venv/bin/fluxkit train "configs/tiny-$stage.toml" --threads "${THREADS:-2}" --runs-dir "$runs" --resume
+        [[ -f "$runs/tiny-$stage/done.json" ]] || { echo "stage $stage stopped before finishing; re-run" >&2; exit 1; }
+        cp "$runs/tiny-$stage/lora.safetensors" "fluxkit/weights/tiny-$stage-lora.safetensors.tmp"
+        mv "fluxkit/weights/tiny-$stage-lora.safetensors.tmp" "fluxkit/weights/tiny-$stage-lora.safetensors"
+    done
+fi

@@ -17,8 +17,8 @@ from .config import load_config
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", nargs="?", type=Path, help="stage config file (configs/tiny-{ae,cache,base,dev,schnell}"
-                   ".toml)")
+    p.add_argument("config", nargs="?", type=Path, help="stage config file (configs/tiny-{ae,cache,base,dev,schnell,"
+                   "fill,canny,kontext}.toml)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run from its latest checkpoint (starts it if it has none)")
     p.add_argument("--runs-dir", type=Path, help="where run folders live (default: $FLUXKIT_RUNS or ./runs)")

@@ -74,7 +74,7 @@ class LoopConfig:
     batch_size: int = 32  # per process (per rank under torchrun)
     ema_decay: float = 0.999
     # bf16 autocast (master weights, EMA and optimizer state stay fp32). "auto": on GPUs and on CPUs with native bf16
-    # (AVX512-BF16/AMX); CPUs without it emulate bf16 ~50x slower than fp32 (an AVX2-only EPYC: 0.8 vs 37 GFLOP/s).
+    # (AVX512-BF16/AMX); CPUs without it emulate bf16 ~100x slower than fp32 (AVX2-only EPYC: 0.8 vs 109 GFLOP/s).
     bf16: bool | str = "auto"
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile the training forward/backward (fuses the many small elementwise ops)
