@@ -36,6 +36,7 @@ from scipy import ndimage
 from skimage.measure import label, regionprops
 
 from fluxkit.data.captions import BACKGROUND_PHRASES, POSITION_PHRASES, caption
+from fluxkit.data.render import render
 from fluxkit.data.scenes import (
     BACKGROUNDS,
     COLOURS,
@@ -46,7 +47,6 @@ from fluxkit.data.scenes import (
     SceneObject,
     contrasts,
     make_object,
-    render,
     sample_scene,
 )
 from fluxkit.eval.checker import MIN_AREA_FRACTION, PALETTE_NAMES, nearest_colours, segment
@@ -88,7 +88,7 @@ class ConceptScene:
     stated: frozenset[str]  # of "size", "position", "background"
 
     def render(self, concept: str, width: int, height: int) -> np.ndarray:
-        """(H, W, 3) uint8, composited like `fluxkit.data.scenes.render`."""
+        """(H, W, 3) uint8, composited like `fluxkit.data.render.render`."""
         alpha = concept_alpha(concept, self.placement.centre, self.placement.extent, width, height)[..., None]
         image = np.empty((height, width, 3), np.float32)
         image[:] = BACKGROUNDS[self.background]

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fluxkit.data.scenes import IMAGE_SIZES, Scene, edit_move, edit_recolor, edit_remove, make_sign, render
+from fluxkit.data.render import render
+from fluxkit.data.scenes import IMAGE_SIZES, Scene, edit_move, edit_recolor, edit_remove, make_sign
 from fluxkit.eval import ocr
 from fluxkit.eval.checker import check, classify_shape, segment
 from fluxkit.eval.run import run_eval, score_ground_truth

@@ -217,7 +217,7 @@ def _benchmark():
 
 
 def test_concept_checker_finds_the_new_shape_and_nothing_else():
-    from fluxkit.data.scenes import render
+    from fluxkit.data.render import render
     from fluxkit.eval.suite import build_suite
 
     bench = _benchmark()

@@ -11,6 +11,8 @@ from scipy import ndimage
 
 from fluxkit.data import scenes
 from fluxkit.data.captions import caption
+from fluxkit.data.dataset import SceneDataset
+from fluxkit.data.render import render
 from fluxkit.data.scenes import (
     BACKGROUNDS,
     COLOURS,
@@ -23,12 +25,10 @@ from fluxkit.data.scenes import (
     SIZES,
     WORDS,
     Scene,
-    SceneDataset,
     edit_move,
     edit_recolor,
     edit_remove,
     make_object,
-    render,
     sample_scene,
 )
 

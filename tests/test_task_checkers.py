@@ -16,7 +16,8 @@ from PIL import Image
 
 from fluxkit import FluxFillPipeline, FluxPipeline
 from fluxkit.cli import main
-from fluxkit.data.scenes import IMAGE_SIZES, make_object, position_of, render
+from fluxkit.data.render import render
+from fluxkit.data.scenes import IMAGE_SIZES, make_object, position_of
 from fluxkit.eval import cli as eval_cli
 from fluxkit.eval.task_run import run_task_eval, score_task, summarize_task
 from fluxkit.eval.tasks import (

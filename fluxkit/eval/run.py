@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fluxkit.data.scenes import render
+from fluxkit.data.render import render
 from fluxkit.eval.checker import CheckResult, check
 from fluxkit.eval.suite import EvalItem
 

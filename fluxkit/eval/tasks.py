@@ -32,6 +32,7 @@ from PIL import Image
 from scipy import ndimage
 
 from fluxkit.data.captions import caption, object_phrase
+from fluxkit.data.render import render
 from fluxkit.data.scenes import (
     BACKGROUNDS,
     KINDS,
@@ -45,7 +46,6 @@ from fluxkit.data.scenes import (
     edit_recolor,
     edit_remove,
     position_of,
-    render,
     sample_scene,
     shape_half_extents,
 )
