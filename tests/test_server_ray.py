@@ -15,7 +15,6 @@ import pytest
 from test_server_support import MEGAPIXELS, SCHNELL, image_array, load_engines, make_config, wait_status
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]  # Ray's own
-ray = pytest.importorskip("ray", reason='Ray is not installed (pip install "ray[serve]")')
 httpx = pytest.importorskip("httpx")
 
 
@@ -27,6 +26,8 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def ray_service(tiny_schnell_folder, tmp_path_factory):
+    # Imported here, not at module level: the default run deselects this slow module without reporting a skip.
+    ray = pytest.importorskip("ray", reason='Ray is not installed (pip install "ray[serve]")')
     from ray import serve
 
     from fluxkit.server.config import ModelConfig, ServeConfig
