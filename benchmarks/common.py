@@ -36,3 +36,25 @@ def timeit(fn, *, warmup: int = 2, repeat: int = 5) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def random_weight_folder(preset: str, root):
+    """A fluxkit model folder with `preset`'s architecture, random transformer weights (seed 0) and the shipped tiny
+    autoencoder: the cost per image of a model that is not (yet) shipped, since weights' values do not change it."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from fluxkit.autoencoder import AutoEncoder
+    from fluxkit.hub import WEIGHTS_DIR, save_native
+    from fluxkit.model import Flux
+    from fluxkit.params import PRESETS
+
+    spec = PRESETS[preset]
+    torch.manual_seed(0)
+    ae = AutoEncoder(spec.ae)
+    if spec.ae == PRESETS["tiny-base"].ae and (WEIGHTS_DIR / "ae.safetensors").is_file():
+        ae.load_state_dict(load_file(WEIGHTS_DIR / "ae.safetensors"))
+    folder = Path(root) / f"{preset}-random"
+    save_native(folder, Flux(spec.flux), spec, ae=ae, dtype=torch.float32)
+    return folder

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .common import describe_machine
+from .common import describe_machine, random_weight_folder
 from .serve_load import percentile, serve_process
 
 PROMPT = "a small red circle above a large blue square on a white background"
@@ -29,26 +29,12 @@ DEBOUNCE_S = 0.35  # app.js: LIVE_DEBOUNCE_MS
 
 
 def tiny_schnell_shaped(root: Path) -> str:
-    """fluxkit-tiny-schnell if shipped, else a folder with its architecture, random weights and the shipped AE."""
-    import torch
-    from safetensors.torch import load_file
-
-    from fluxkit.autoencoder import AutoEncoder
-    from fluxkit.hub import available_builtins, builtin_folder, save_native
-    from fluxkit.model import Flux
-    from fluxkit.params import PRESETS
+    """fluxkit-tiny-schnell if shipped, else its architecture with random weights and the shipped AE."""
+    from fluxkit.hub import available_builtins
 
     if "fluxkit-tiny-schnell" in available_builtins():
         return "fluxkit-tiny-schnell"
-    spec = PRESETS["tiny-schnell"]
-    torch.manual_seed(0)
-    ae = AutoEncoder(spec.ae)
-    shipped = builtin_folder("fluxkit-tiny-schnell")
-    if shipped is not None and (shipped.parent / "ae.safetensors").is_file():
-        ae.load_state_dict(load_file(shipped.parent / "ae.safetensors"))
-    folder = root / "tiny-schnell-shaped"
-    save_native(folder, Flux(spec.flux), spec, ae=ae, dtype=torch.float32)
-    return str(folder)
+    return str(random_weight_folder("tiny-schnell", root))
 
 
 def live_session(url: str, size: int, steps: int) -> dict:

@@ -2,6 +2,7 @@
 
     python -m benchmarks.tiny_e2e                  # tiny-schnell at 1/2/4 steps, tiny-dev at its default steps, 128^2
     python -m benchmarks.tiny_e2e --batches 1 8 --dtypes bf16 fp32 --repeat 5 --json tiny_e2e.json
+    python -m benchmarks.tiny_e2e --random-weights --dtypes fp32   # the architectures' cost, before weights ship
 
 Three tables, all measured in this one run:
 1. warm seconds per image, at each batch size, in each dtype, and the fp32 / bf16 ratio (> 1: bf16 is faster);
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import describe_machine, timeit
+from benchmarks.common import describe_machine, random_weight_folder, timeit
 from benchmarks.quant_quality import suite_prompts, write_json
 from fluxkit.devices import parse_dtype
 
@@ -151,13 +152,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-cold", dest="cold", action="store_false", help="skip the cold `fluxkit generate` runs")
     parser.add_argument("--threads", type=int, help="torch threads, here and in the cold process")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="time the tiny-schnell / tiny-dev architectures with random weights (before they ship)")
     args = parser.parse_args(argv)
     for dtype in args.dtypes:
         parse_dtype(dtype)  # a precise error for a bad name before anything is loaded
     if args.threads:
         torch.set_num_threads(args.threads)
     print(describe_machine())
-    result = measure(args)
+    with tempfile.TemporaryDirectory(prefix="fluxkit-e2e-") as tmp:
+        if args.random_weights:
+            args.schnell, args.dev = (str(random_weight_folder(p, tmp)) for p in ("tiny-schnell", "tiny-dev"))
+        result = measure(args)
     print(format_tables(result, args.dtypes))
     write_json(args.json, {"machine": describe_machine(), "args": vars(args), **result})
     return result
