@@ -87,6 +87,14 @@ def _load(args, name: str, transformer=None):
     )
 
 
+def _model_under_test(args):
+    """The evaluated pipeline (--model, --transformer, --quantize) with the --cache step cache on, if asked."""
+    pipe = _load(args, args.model or "fluxkit-tiny-dev", args.transformer)
+    if args.cache:
+        pipe.transformer.enable_cache(parse_cache(args.cache))
+    return pipe
+
+
 def run_task(args) -> int:
     """`--task`: build the task's items, generate them with the model (or score the ground truth), print a table."""
     from .task_run import run_task_eval, score_task_ground_truth
@@ -101,10 +109,7 @@ def run_task(args) -> int:
     if args.ground_truth:
         score_task_ground_truth(items, args.out)
         return 0
-    cache = parse_cache(args.cache) if args.cache else None
-    pipe = _load(args, args.model or "fluxkit-tiny-dev", args.transformer)
-    if cache is not None:
-        pipe.transformer.enable_cache(cache)
+    pipe = _model_under_test(args)
     baseline = _load(args, args.baseline_model) if args.baseline_model else None
     run_task_eval(
         pipe,
@@ -131,13 +136,10 @@ def run(args) -> int:
     if args.ground_truth:
         score_ground_truth(suite, args.out)
         return 0
-    cache = parse_cache(args.cache) if args.cache else None
-    pipe = _load(args, args.model or "fluxkit-tiny-dev", args.transformer)
-    if cache is not None:
-        pipe.transformer.enable_cache(cache)
+    pipe = _model_under_test(args)
     generate = make_generate(pipe, args.size[0], args.size[1], args.steps, args.guidance, args.true_cfg)
     summary = run_eval(generate, suite, args.out, batch_size=args.batch_size)
-    if cache is not None:
+    if args.cache:
         stats = pipe.transformer.step_cache.stats()
         print(
             f"step cache: {stats['calls']} calls, {stats['skipped']} skipped "
