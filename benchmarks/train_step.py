@@ -20,9 +20,9 @@ from fluxkit.params import PRESETS
 def step_seconds(model: Flux, batch: int, bf16: bool, repeat: int) -> float:
     p = model.params
     g = torch.Generator().manual_seed(0)
-    img = torch.randn(batch, 256, p.in_channels, generator=g)  # 128x128: 16x16 packed latent tokens
+    img = torch.randn(batch, 64, p.in_channels, generator=g)  # 128x128: 8x AE -> 16x16 latent -> 8x8 packed tokens
     txt = torch.randn(batch, 32, p.context_in_dim, generator=g)  # MiniLM's 32 token states
-    ids = torch.zeros(batch, 256, 3), torch.zeros(batch, 32, 3)
+    ids = torch.zeros(batch, 64, 3), torch.zeros(batch, 32, 3)
     vec, t = torch.randn(batch, p.vec_in_dim, generator=g), torch.rand(batch, generator=g)
 
     def step() -> None:

