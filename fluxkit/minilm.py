@@ -19,13 +19,19 @@ from torch.nn import functional as F
 UNUSED_KEYS = ("embeddings.position_ids", "pooler.dense.weight", "pooler.dense.bias")  # not part of token states
 
 
+def _embedding(rows: int, dim: int) -> nn.Embedding:
+    return nn.Embedding(rows, dim, _weight=torch.empty(rows, dim))
+
+
 class _Embeddings(nn.Module):
     def __init__(self, cfg: dict):
         super().__init__()
         h = cfg["hidden_size"]
-        self.word_embeddings = nn.Embedding(cfg["vocab_size"], h)
-        self.position_embeddings = nn.Embedding(cfg["max_position_embeddings"], h)
-        self.token_type_embeddings = nn.Embedding(cfg["type_vocab_size"], h)
+        # Tables are created empty, never initialised: the checkpoint replaces them, and nn.Embedding's normal_ init
+        # on the meta device imports torch._dynamo (1.3 s of a cold `fluxkit generate`).
+        self.word_embeddings = _embedding(cfg["vocab_size"], h)
+        self.position_embeddings = _embedding(cfg["max_position_embeddings"], h)
+        self.token_type_embeddings = _embedding(cfg["type_vocab_size"], h)
         self.LayerNorm = nn.LayerNorm(h, eps=cfg["layer_norm_eps"])
 
     def forward(self, ids: Tensor) -> Tensor:
