@@ -24,7 +24,14 @@ from .params import AutoEncoderParams, FluxParams, ModelSpec
 log = logging.getLogger(__name__)
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
-BUILTIN = {"fluxkit-tiny-schnell": "tiny-schnell", "fluxkit-tiny-dev": "tiny-dev"}
+BUILTIN = {
+    "fluxkit-tiny-schnell": "tiny-schnell",
+    "fluxkit-tiny-dev": "tiny-dev",
+    # The FLUX.1 tools variants, each tiny-dev plus a control LoRA (as BFL's FLUX.1-Canny-dev-lora on FLUX.1-dev)
+    "fluxkit-tiny-fill": "tiny-fill",
+    "fluxkit-tiny-canny": "tiny-canny",
+    "fluxkit-tiny-kontext": "tiny-kontext",
+}
 DEFAULT_MODEL = "fluxkit-tiny-schnell"
 DIFFUSERS_PATTERNS = [
     "model_index.json",
@@ -85,12 +92,14 @@ def load_pipeline(
         raise ValueError(
             f"{folder} is neither a fluxkit folder (fluxkit.json) nor a diffusers folder (model_index.json)"
         )
-    model, ae, enc, spec, sched = parts
+    model, ae, enc, spec, sched, lora = parts
     if quantize is not None:
         from .quant import quantize_model
 
         quantize_model(model, quantize)
     pipe = cls(model, ae, enc, spec, sched)
+    if lora is not None:  # a LoRA variant folder: the base transformer with the variant's adapter active
+        pipe.load_lora_weights(lora, adapter_name=spec.name)
     return pipe.to(device=device, dtype=None)
 
 
@@ -134,6 +143,9 @@ def _transformer_override(transformer, base_params: FluxParams | None, dtype):
 
 
 def _load_native(folder: Path, dtype, transformer, vae, text_encoder):
+    """A fluxkit folder: fluxkit.json names the transformer and autoencoder files (paths relative to the folder, so
+    models can share them) and optionally a `lora` file: the folder is then a variant made of the transformer plus
+    that adapter (which may widen img_in, as BFL's control LoRAs do)."""
     from .loading import load_autoencoder, load_flux_transformer
 
     meta = json.loads((folder / "fluxkit.json").read_text())
@@ -147,9 +159,12 @@ def _load_native(folder: Path, dtype, transformer, vae, text_encoder):
     if vae is None:
         vae = load_autoencoder(folder / meta["ae"], params=spec.ae, dtype=dtype)
     enc = text_encoder or _text_encoder(spec.text_encoder, folder, dtype)
+    lora = folder / meta["lora"] if meta.get("lora") else None
+    if lora is not None and not lora.is_file():
+        raise ValueError(f"{folder / 'fluxkit.json'} names the LoRA {lora}, which does not exist")
     from .pipeline import SchedulerConfig
 
-    return model, vae, enc, spec, SchedulerConfig(use_dynamic_shifting=spec.shift_schedule)
+    return model, vae, enc, spec, SchedulerConfig(use_dynamic_shifting=spec.shift_schedule), lora
 
 
 def _text_encoder(kind: str, folder: Path, dtype):
@@ -193,7 +208,7 @@ def _load_diffusers(folder: Path, dtype, transformer, vae, text_encoder):
         default_steps=4 if schnell_like else 28,
         default_guidance=0.0 if schnell_like else 3.5,
     )
-    return model, ae, enc, spec, sched
+    return model, ae, enc, spec, sched, None
 
 
 def save_native(

@@ -20,13 +20,12 @@ done
 for model in dev schnell; do
     .venv/bin/fluxkit train --export "$runs/tiny-$model" --out "fluxkit/weights/tiny-$model" --ae-path ../ae.safetensors
 done
-# The FLUX.1 tools variants (issue #6), fine-tuned from tiny-dev as control LoRAs (~4.5 MB each): only with --tools.
+# The FLUX.1 tools variants (issue #6), fine-tuned from tiny-dev as control LoRAs (~1.2 MB each): only with --tools.
 if [[ "${1:-}" == "--tools" ]]; then
     for stage in fill canny kontext; do
-        [[ -f "$runs/tiny-$stage/done.json" ]] && continue
+        [[ -f "$runs/tiny-$stage/done.json" ]] || \
         .venv/bin/fluxkit train "configs/tiny-$stage.toml" --threads "${THREADS:-2}" --runs-dir "$runs" --resume
         [[ -f "$runs/tiny-$stage/done.json" ]] || { echo "stage $stage stopped before finishing; re-run" >&2; exit 1; }
-        cp "$runs/tiny-$stage/lora.safetensors" "fluxkit/weights/tiny-$stage-lora.safetensors.tmp"
-        mv "fluxkit/weights/tiny-$stage-lora.safetensors.tmp" "fluxkit/weights/tiny-$stage-lora.safetensors"
+        .venv/bin/fluxkit train --export "$runs/tiny-$stage" --out "fluxkit/weights/tiny-$stage" --base ../tiny-dev
     done
 fi

@@ -246,6 +246,35 @@ def test_lora_export_loads_onto_the_init_model_and_equals_the_trained_one(runs, 
     assert generate(base, stage).shape == (1, 32, 48, 3)
 
 
+def test_lora_variant_folder_is_the_base_plus_its_adapter(runs, tmp_path):
+    """`fluxkit train --export RUN --out weights/tiny-fill --base ../tiny-dev`: how the tiny tools variants ship."""
+    import shutil
+
+    import fluxkit
+    from fluxkit.cli import main as fluxkit_main
+    from fluxkit.train.variants import export_lora_variant
+
+    shutil.copytree(runs / "test-dev" / "export", tmp_path / "dev")
+    run = runs / "test-fill-lora"
+    assert fluxkit_main(["train", "--export", str(run), "--out", str(tmp_path / "fill"), "--base", "../dev"]) == 0
+    meta = json.loads((tmp_path / "fill" / "fluxkit.json").read_text())
+    assert meta["transformer"].startswith("../dev/") and meta["lora"] == "lora.safetensors"
+    assert sorted(p.name for p in (tmp_path / "fill").iterdir()) == ["fluxkit.json", "lora.safetensors"]
+    variant = fluxkit.FluxFillPipeline.from_pretrained(tmp_path / "fill", torch_dtype=torch.float32)
+    assert variant.get_active_adapters() == ["test-fill-lora"]
+    assert variant.transformer.img_in.in_features == 64 + EXTRA["fill"]
+    by_hand = fluxkit.FluxFillPipeline.from_pretrained(tmp_path / "dev", torch_dtype=torch.float32)
+    by_hand.load_lora_weights(run / "lora.safetensors")
+    np.testing.assert_array_equal(generate(variant, "fill"), generate(by_hand, "fill"))
+    with pytest.raises(ValueError, match="no fluxkit.json"):
+        export_lora_variant(run, tmp_path / "other", "../nowhere")
+    with pytest.raises(ValueError, match="not a finished LoRA-mode variant run"):
+        export_lora_variant(runs / "test-fill", tmp_path / "other", "../dev")  # a full-mode run has no LoRA
+    (tmp_path / "fill" / "lora.safetensors").unlink()
+    with pytest.raises(ValueError, match="names the LoRA"):
+        fluxkit.FluxFillPipeline.from_pretrained(tmp_path / "fill")
+
+
 def test_fill_masks_cover_what_they_say():
     sample = SceneDataset(3, 1, sizes=((48, 32),), kinds=("single",))[0]
     rng = random.Random(0)

@@ -37,6 +37,9 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, help="with --export: the model folder to write")
     p.add_argument("--ae-path", default="ae.safetensors",
                    help="with --export: autoencoder path relative to --out (share one: ../ae.safetensors)")
+    p.add_argument("--base", metavar="DIR",
+                   help="with --export of a LoRA-mode variant run (fill/canny/kontext): the shipped base model folder "
+                        "relative to --out (e.g. ../tiny-dev); --out then holds the LoRA and points at the base files")
     p.set_defaults(run=run)
 
 
@@ -50,7 +53,12 @@ def run(args: argparse.Namespace) -> int:
 
         if args.config is not None or args.out is None:
             raise ValueError("--export RUN needs --out DIR and no config file")
-        print(f"wrote {export_run(args.export, args.out, args.ae_path)}")
+        if args.base is not None:
+            from .variants import export_lora_variant
+
+            print(f"wrote {export_lora_variant(args.export, args.out, args.base)}")
+        else:
+            print(f"wrote {export_run(args.export, args.out, args.ae_path)}")
         return 0
     if args.config is None:
         raise ValueError("a config file is required (e.g. configs/tiny-base.toml), or --export RUN --out DIR")

@@ -323,3 +323,43 @@ class KontextTask(VariantTask):
 
 
 TASKS = {"fill": FillTask, "canny": CannyTask, "kontext": KontextTask}
+
+
+def export_lora_variant(run_root: Path, out: Path, base: str) -> Path:
+    """Ship a finished LoRA-mode variant run as a model folder `out` that reuses the shipped base model's files: its
+    fluxkit.json points at the base's transformer and autoencoder (`base` is the base folder relative to `out`, e.g.
+    "../tiny-dev") and at the run's lora.safetensors, copied into `out`. Loading the folder gives the base pipeline
+    with the variant's adapter active, as BFL's FLUX.1-Canny-dev-lora on FLUX.1-dev."""
+    import os
+    import shutil
+
+    run_root, out = Path(run_root), Path(out)
+    lora, done = run_root / LORA_FILE, run_root / "done.json"
+    if not done.is_file() or not lora.is_file():
+        raise ValueError(f"{run_root} is not a finished LoRA-mode variant run ({done.name} and {LORA_FILE} needed)")
+    if Path(base).is_absolute():
+        raise ValueError(f"base must be relative to the output folder, got {base!r}")
+    base_dir = Path(os.path.normpath(out / base))  # out may not exist yet: resolve ".." in the text
+    base_meta_file = base_dir / "fluxkit.json"
+    if not base_meta_file.is_file():
+        raise ValueError(f"base model folder {base_dir} has no fluxkit.json")
+    base_meta = json.loads(base_meta_file.read_text())
+    if base_meta.get("lora"):
+        raise ValueError(f"base {base_dir} is itself a LoRA variant; point at the model it was made from")
+    name = json.loads((run_root / "config.json").read_text()).get("name", run_root.name)
+    meta = {
+        "format": "fluxkit",
+        "spec": {**base_meta["spec"], "name": name},
+        "transformer": os.path.normpath(os.path.join(base, base_meta["transformer"])),
+        "ae": os.path.normpath(os.path.join(base, base_meta["ae"])),
+        "lora": LORA_FILE,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    for src, dst in ((lora, out / LORA_FILE), (None, out / "fluxkit.json")):
+        tmp = dst.with_name(dst.name + ".tmp")
+        if src is None:
+            tmp.write_text(json.dumps(meta, indent=2) + "\n")
+        else:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    return out
