@@ -115,9 +115,18 @@ def test_existing_run_needs_resume_and_same_config(runs):
         run_stage(config("base"), runs, quiet=True)
     with pytest.raises(ValueError, match=r"differs .* in \['optim.lr'\]"):
         run_stage(config("base", "optim.lr=0.5"), runs, resume=True, quiet=True)
-    # A finished run resumed with more steps continues training.
+    # A finished run resumed with more steps continues training, and its done.json and export follow: they are
+    # removed while it runs (another stage must not take the shorter run's export) and rewritten at the end.
     assert run_stage(config("base", "name=more-base"), runs, quiet=True).step == 3
+    done, weights = runs / "more-base" / "done.json", runs / "more-base" / "export" / "transformer.safetensors"
+    before = load_file(weights)
+    cut = run_stage(config("base", "name=more-base", "train.steps=5"), runs, resume=True, max_minutes=1e-9,
+                    quiet=True)
+    assert (cut.finished, cut.step, done.is_file()) == (False, 4, False)
     assert run_stage(config("base", "name=more-base", "train.steps=5"), runs, resume=True, quiet=True).step == 5
+    assert json.loads(done.read_text())["steps"] == 5
+    after = load_file(weights)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
 @pytest.mark.parametrize("stage", ["ae", "base"])

@@ -186,6 +186,9 @@ class RunFolder:
     def mark_done(self, summary: dict) -> None:
         atomic_write_text(self.root / "done.json", json.dumps(summary, indent=2))
 
+    def unmark_done(self) -> None:
+        (self.root / "done.json").unlink(missing_ok=True)
+
 
 def _fp32_state(module: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
@@ -285,6 +288,8 @@ def train(task: Task, cfg: TrainConfig, run: RunFolder, dist: Dist, *, max_minut
         start, history, elapsed = state["step"], list(state["history"]), state["elapsed_s"]
     if start >= tc.steps:
         return _finish(task, cfg, run, dist, LoopResult(start, True, model, ema.module), history, elapsed)
+    if dist.is_main:  # a finished run lengthened with --resume: its export and done.json are stale until it ends
+        run.unmark_done()
     net = _wrap(task.net, dist, tc.compile)
     net.train()
     deadline = time.monotonic() + 60 * max_minutes if max_minutes is not None else math.inf
