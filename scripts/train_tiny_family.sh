@@ -2,7 +2,7 @@
 # The whole tiny-family recipe, one command: runs every stage in order, each resumable. Re-run it after an
 # interruption and it continues where it stopped (finished stages are skipped). Then exports the shipped models.
 #   FLUXKIT_RUNS=/path/to/runs scripts/train_tiny_family.sh [--tools]
-# (default runs dir: ./runs; ~100 min on 2 AVX2 CPU cores in fp32, less with AVX512-BF16; --tools adds fill/canny/kontext;
+# (default runs dir: ./runs; ~2.5 h on 2 AVX2 CPU cores in fp32, less with AVX512-BF16; --tools adds fill/canny/kontext;
 # lengthen the stages in configs/tiny-*.toml where compute allows: --resume continues a finished run to more steps)
 set -euo pipefail
 cd "$(dirname "$0")/.."
