@@ -6,6 +6,7 @@ fluxkit eval --ground-truth            # the checker's ceiling on the generator'
 fluxkit eval --task fill --model runs/tiny-fill --out runs/eval-fill     # conditioned generation (issue #6)
 fluxkit eval --task control --model runs/tiny-canny --baseline-model fluxkit-tiny-dev
 fluxkit eval --task edit --ground-truth
+fluxkit eval --task fill --model fluxkit-tiny-fill --adapter-weight 0   # the variant's base, ignoring the condition
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--true-cfg", type=float, default=1.0, help="true CFG scale against the empty prompt (> 1 enables)")
     p.add_argument("--cache", help="step cache: fbcache:THRESHOLD or teacache:THRESHOLD")
     p.add_argument("--quantize", help="quantize the transformer (int8, fp8, q8_0, q4_0, ...)")
+    p.add_argument("--adapter-weight", type=float, metavar="W",
+                   help="scale the model's own adapters (a LoRA variant such as fluxkit-tiny-fill) by W; "
+                        "0 measures its base without them")
     p.add_argument("--quick", action="store_true", help="4 prompts per category instead of the full suite")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds per prompt")
     p.add_argument("--size", type=int, nargs=2, default=[128, 128], metavar=("WIDTH", "HEIGHT"))
@@ -90,6 +94,12 @@ def _load(args, name: str, transformer=None):
 def _model_under_test(args):
     """The evaluated pipeline (--model, --transformer, --quantize) with the --cache step cache on, if asked."""
     pipe = _load(args, args.model or "fluxkit-tiny-dev", args.transformer)
+    if args.adapter_weight is not None:
+        active = pipe.get_active_adapters()
+        if not active:
+            raise ValueError(f"--adapter-weight: {args.model or 'fluxkit-tiny-dev'} has no adapter (it applies to LoRA "
+                             "variants such as fluxkit-tiny-fill)")
+        pipe.set_adapters(active, adapter_weights=[args.adapter_weight] * len(active))
     if args.cache:
         pipe.transformer.enable_cache(parse_cache(args.cache))
     return pipe
