@@ -38,7 +38,7 @@ from .ae import load_trained_ae
 from .cache import CACHE_META
 from .config import TrainConfig, VariantOptions
 from .flow import EXPORT_DIR, noisy
-from .loop import Dist, RunFolder, resolve_run
+from .loop import Dist, RunFolder, atomic_write_text, resolve_run
 from .report import save_grid, to_uint8
 from .variants_data import (
     KONTEXT_KINDS,
@@ -355,11 +355,8 @@ def export_lora_variant(run_root: Path, out: Path, base: str) -> Path:
         "lora": LORA_FILE,
     }
     out.mkdir(parents=True, exist_ok=True)
-    for src, dst in ((lora, out / LORA_FILE), (None, out / "fluxkit.json")):
-        tmp = dst.with_name(dst.name + ".tmp")
-        if src is None:
-            tmp.write_text(json.dumps(meta, indent=2) + "\n")
-        else:
-            shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
+    tmp = out / (LORA_FILE + ".tmp")
+    shutil.copyfile(lora, tmp)
+    os.replace(tmp, out / LORA_FILE)
+    atomic_write_text(out / "fluxkit.json", json.dumps(meta, indent=2) + "\n")  # last: the folder is complete
     return out
