@@ -11,7 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
-VOCAB_SIZE = 120
+VOCAB_SIZE = 160
 WORDS = (
     "a red green blue yellow circle square triangle star above below left right of the on in small large "
     "background sign that says black white cat dog photo blurry ugly"
@@ -19,19 +19,34 @@ WORDS = (
 
 
 def _word_tokenizer(kind: str):
-    """A small BPE fast tokenizer trained here on WORDS (no downloads): CLIP-style (bos/eos) or T5-style (eos)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    """A small fast tokenizer built here from WORDS (no downloads): CLIP-style BPE (bos/eos) or T5-style Unigram (eos).
 
-    special = ["<pad>", "<unk>", "<bos>", "<eos>"]
-    tok = Tokenizer(models.BPE(unk_token="<unk>", end_of_word_suffix="</w>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE, special_tokens=special, end_of_word_suffix="</w>", show_progress=False
-    )
-    tok.train_from_iterator([" ".join(WORDS)] * 4, trainer)
+    Built from explicit vocabularies, not trained: the `tokenizers` trainers break ties in hash-map order, which differs
+    between processes, so trained ids (and every image a test makes from them) changed from run to run.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    letters = sorted(set("".join(WORDS)))
     if kind == "clip":
         from transformers import CLIPTokenizerFast
 
+        # Whole-word BPE: the merges build each word left to right; other words fall back to letters.
+        vocab = {t: i for i, t in enumerate(["<pad>", "<unk>", "<bos>", "<eos>"])}
+        for c in letters:
+            vocab.setdefault(c, len(vocab))
+            vocab.setdefault(c + "</w>", len(vocab))
+        merges = []
+        for word in sorted(set(WORDS)):
+            pieces = list(word[:-1]) + [word[-1] + "</w>"]
+            while len(pieces) > 1:
+                merged = pieces[0] + pieces[1]
+                if (pieces[0], pieces[1]) not in merges:
+                    merges.append((pieces[0], pieces[1]))
+                vocab.setdefault(merged, len(vocab))
+                pieces = [merged] + pieces[2:]
+        assert len(vocab) <= VOCAB_SIZE, len(vocab)
+        tok = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", end_of_word_suffix="</w>"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
         tok.post_processor = processors.TemplateProcessing(
             single="<bos> $A <eos>", special_tokens=[("<bos>", 2), ("<eos>", 3)]
         )
@@ -45,13 +60,11 @@ def _word_tokenizer(kind: str):
         )
     from transformers import T5TokenizerFast
 
-    # T5 tokenizers are Unigram models (transformers rebuilds them from vocab scores when loading).
-    tok = Tokenizer(models.Unigram())
+    # T5 tokenizers are Unigram models (transformers rebuilds them from vocab scores when loading); this one is
+    # letter-level: the word boundary piece and one piece per letter, all equally likely.
+    pieces = ["<pad>", "</s>", "<unk>", "\u2581"] + letters
+    tok = Tokenizer(models.Unigram([(p, -1.0) for p in pieces], unk_id=2))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    trainer = trainers.UnigramTrainer(
-        vocab_size=VOCAB_SIZE, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>", show_progress=False
-    )
-    tok.train_from_iterator([" ".join(WORDS)] * 4, trainer)
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     return T5TokenizerFast(
         tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>", extra_ids=0, model_max_length=512
