@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .loading import CheckpointError, _atomic_write
+from .atomic import atomic_write
+from .loading import CheckpointError
 
 QK_K = 256  # values per K-quant super-block
 
@@ -436,5 +437,5 @@ def write_gguf(path: str | os.PathLike, specs: Sequence[tuple[str, str, tuple[in
             writer.write_tensor_data(data.detach().cpu().contiguous().numpy())
         writer.close()
 
-    _atomic_write(Path(path), write)
+    atomic_write(path, write)
     return Path(path)

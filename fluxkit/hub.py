@@ -12,12 +12,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from .atomic import atomic_write, atomic_write_text
 from .devices import parse_dtype
 from .params import AutoEncoderParams, FluxParams, ModelSpec
 
@@ -221,18 +220,12 @@ def save_native(
     """Write a fluxkit folder; `ae=None` with a relative `ae_path` refers to an shared autoencoder."""
     from safetensors.torch import save_file
 
-    folder.mkdir(parents=True, exist_ok=True)
-
     def write(path: Path, sd: dict) -> None:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        save_file({k: v.detach().to(dtype).contiguous().cpu() for k, v in sd.items()}, tmp)
-        os.replace(tmp, path)
+        tensors = {k: v.detach().to(dtype).contiguous().cpu() for k, v in sd.items()}
+        atomic_write(path, lambda tmp: save_file(tensors, tmp))
 
     write(folder / "transformer.safetensors", transformer.state_dict())
     if ae is not None:
         write(folder / ae_path, ae.state_dict())
     meta = {"format": "fluxkit", "spec": spec_to_dict(spec), "transformer": "transformer.safetensors", "ae": ae_path}
-    tmp = folder / "fluxkit.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, folder / "fluxkit.json")
+    atomic_write_text(folder / "fluxkit.json", json.dumps(meta, indent=2))

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin
+
+from .atomic import atomic_write
 
 FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP"}
 META_KEY = "fluxkit"
@@ -32,23 +32,8 @@ def save_image(
         exif = Image.Exif()
         exif[EXIF_DESCRIPTION] = f"{META_KEY}:{text}"
         kwargs.update(exif=exif.tobytes(), quality=quality)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format=FORMATS[fmt], **kwargs)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: image.save(tmp, format=FORMATS[fmt], **kwargs))
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def read_params(path: str | Path) -> dict:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from .atomic import atomic_write, atomic_write_text
 from .autoencoder import AutoEncoder
 from .convert import (
     FLUX_AXES_DIM,
@@ -294,22 +294,9 @@ def resolve_model_source(name_or_path: str | os.PathLike, allow_download: bool =
 # Writing
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temp file in the same folder and rename, so a crash never leaves a half-written `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _save_safetensors(sd: Mapping[str, Tensor], path: Path) -> None:
     tensors = {k: v.detach().contiguous() for k, v in sd.items()}
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
 
 
 def _state_dict(model_or_sd: nn.Module | Mapping[str, Tensor]) -> StateDict:
@@ -327,7 +314,7 @@ def save_bfl(model_or_sd: nn.Module | Mapping[str, Tensor], path: str | os.PathL
 
 def _save_diffusers(sd: StateDict, config: dict, folder: Path) -> Path:
     _save_safetensors(sd, folder / _WEIGHTS_NAME)
-    _atomic_write(folder / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    atomic_write_text(folder / "config.json", json.dumps(config, indent=2) + "\n")
     return folder
 
 

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import sampling
+from .atomic import atomic_write_text
 from .lora import WEIGHT_NAME, LoraAdapter, attach, linear_shapes, save_adapter, set_active
 
 # diffusers' default set (attn.to_q/k/v, to_out.0, add_*_proj, to_add_out, ff(_context).net.0.proj/.2) on BFL modules.
@@ -285,7 +286,6 @@ class _Setup:
 
 def train_lora(args: argparse.Namespace) -> LoraTrainResult:
     """Run (or, with --resume_from_checkpoint latest, continue) the training that `args` describes."""
-    from .train.loop import atomic_write_text
     from .train.report import plot_losses
 
     check_args(args)

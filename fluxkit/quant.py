@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from . import gguf as ggml
+from .atomic import atomic_write
 from .convert import (
     check_state_dict,
     detect_layout,
@@ -37,7 +38,7 @@ from .convert import (
     strip_prefix,
 )
 from .gguf import BLOCK_QTYPES
-from .loading import CheckpointError, _atomic_write, load_flux_transformer, load_safetensors
+from .loading import CheckpointError, load_flux_transformer, load_safetensors
 from .model import Flux
 from .params import FluxParams
 
@@ -287,7 +288,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike) -> Path:
     if kinds == ["fp8"]:
         sd[COMFY_FP8_MARKER] = torch.empty(0, dtype=torch.float8_e4m3fn)
     metadata = {"format": "pt", QUANT_METADATA_KEY: ",".join(kinds)}
-    _atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=metadata))
+    atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=metadata))
     return path
 
 

@@ -9,7 +9,6 @@ command line) and the picture is written through a temp file + rename.
 from __future__ import annotations
 
 import argparse
-import os
 import textwrap
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from fluxkit import FluxPipeline
+from fluxkit.atomic import atomic_write
 
 PROMPTS = (
     "a red circle above a blue square",
@@ -67,10 +67,8 @@ def main() -> None:
         name = model.removeprefix("fluxkit-")
         title = f"{name} {steps} steps" + ("" if guidance is None else f", g {guidance}")
         rows.append((title, generate_row(model, steps, guidance, args.seed)))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    compose(rows).save(tmp, format="PNG")
-    os.replace(tmp, args.out)
+    grid = compose(rows)
+    atomic_write(args.out, lambda tmp: grid.save(tmp, format="PNG"))
     print(f"wrote {args.out}")
 
 

@@ -10,8 +10,6 @@ The command line is `fluxkit eval` (fluxkit/eval/cli.py).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,24 +17,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from fluxkit.atomic import atomic_write, atomic_write_text
 from fluxkit.data.render import render
 from fluxkit.eval.checker import CheckResult, check
 from fluxkit.eval.suite import EvalItem
 
 Generate = Callable[[list[str], list[int]], list[Image.Image]]
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write through a temp file in the same folder, then rename: readers never see a partial file."""
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(handle)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def summarize(items: Sequence[EvalItem], results: Sequence[CheckResult]) -> dict:
@@ -83,7 +69,7 @@ def save_grid(images: Sequence[Image.Image], results: Sequence[CheckResult], pat
         x, y = (k % columns) * w, (k // columns) * h
         grid.paste((40, 180, 60) if result.passed else (210, 40, 40), (x, y, x + w, y + h))
         grid.paste(image.convert("RGB"), (x + border, y + border))
-    _atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
+    atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
 
 
 def _evaluate(
@@ -134,7 +120,7 @@ def _evaluate(
             for it, r in zip(suite, results, strict=True)
         ]
         payload = json.dumps({"summary": summary, "items": per_item}, indent=1)
-        _atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(payload))
+        atomic_write_text(out / "results.json", payload)
         save_grid(images, results, out / "grid.png")
     return summary
 

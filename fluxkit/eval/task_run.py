@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fluxkit.eval.run import _atomic_write
+from fluxkit.atomic import atomic_write, atomic_write_text
 from fluxkit.eval.tasks import TASK_KINDS, TASKS, TaskItem, TaskResult, check_task, ground_truth
 
 LAYOUTS = {"fill": "fill", "control": "control", "edit": "base", "regional": "base"}  # model_layout per task
@@ -164,7 +164,7 @@ def save_task_grid(items: Sequence[TaskItem], images: Sequence[Image.Image], res
             if passed is not None:
                 grid.paste((40, 180, 60) if passed else (210, 40, 40), (x + j * w, y, x + (j + 1) * w, y + h))
             grid.paste(tile.convert("RGB"), (x + j * w + BORDER, y + BORDER))
-    _atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
+    atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
 
 
 def score_task(items: Sequence[TaskItem], images: Sequence[Image.Image], *,
@@ -200,7 +200,7 @@ def score_task(items: Sequence[TaskItem], images: Sequence[Image.Image], *,
                 row["baseline"] = {"passed": base[k].passed, "checks": base[k].checks, "metrics": base[k].metrics}
             rows.append(row)
         payload = json.dumps({"task": task, "summary": summary, "items": rows}, indent=1)
-        _atomic_write(folder / "results.json", lambda tmp: Path(tmp).write_text(payload))
+        atomic_write_text(folder / "results.json", payload)
         save_task_grid(items, images, results, folder / "grid.png", baseline_images)
     return summary
 

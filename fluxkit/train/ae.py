@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import shutil
 from collections import defaultdict
 from pathlib import Path
@@ -23,11 +22,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from ..atomic import atomic_write, atomic_write_text
 from ..autoencoder import AutoEncoder
 from ..data import SceneDataset
 from ..params import AutoEncoderParams
 from .config import AEOptions, TrainConfig
-from .loop import Dist, RunFolder, atomic_write_text
+from .loop import Dist, RunFolder
 from .report import save_grid, to_uint8
 
 AE_FILE, AE_META = "ae.safetensors", "ae.json"
@@ -109,7 +109,8 @@ class AETask:
         save_grid([to_uint8(x), to_uint8(ema.decoder(mean))], path, ["scene", "recon"])
 
     def finish(self, ema: nn.Module, run: RunFolder) -> dict:
-        save_file({k: v.detach().float().contiguous().cpu() for k, v in ema.state_dict().items()}, run.root / AE_FILE)
+        weights = {k: v.detach().float().contiguous().cpu() for k, v in ema.state_dict().items()}
+        atomic_write(run.root / AE_FILE, lambda tmp: save_file(weights, tmp))
         return describe_ae(ema, self.cfg, run.root, self.dist.device)
 
 
@@ -137,9 +138,7 @@ def adopt_ae(cfg: TrainConfig, weights: Path, runs_dir: Path, dist: Dist) -> Run
         raise ValueError(f"{weights} does not match the autoencoder of preset {cfg.model!r}: {e}") from None
     ae = ae.to(dist.device).eval().requires_grad_(False)
     run = RunFolder.prepare(cfg, runs_dir, False, dist)
-    tmp = run.root / (AE_FILE + ".tmp")
-    shutil.copyfile(weights, tmp)
-    os.replace(tmp, run.root / AE_FILE)
+    atomic_write(run.root / AE_FILE, lambda tmp: shutil.copyfile(weights, tmp))
     summary = describe_ae(ae, cfg, run.root, dist.device)
     run.mark_done({"stage": "ae", "adopted_from": str(weights), **summary})
     return run

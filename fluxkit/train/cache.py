@@ -31,12 +31,13 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..atomic import atomic_write, atomic_write_text
 from ..autoencoder import AutoEncoder
 from ..data import SceneDataset
 from ..params import AutoEncoderParams
 from .ae import AE_META, images_to_tensor, load_trained_ae
 from .config import CacheOptions, TrainConfig
-from .loop import Dist, RunFolder, atomic_write_text, resolve_run
+from .loop import Dist, RunFolder, resolve_run
 
 CACHE_META, PROMPTS_FILE = "cache.json", "prompts.safetensors"
 
@@ -103,9 +104,8 @@ def build_cache(cfg: TrainConfig, run: RunFolder, dist: Dist, runs_dir: Path, *,
             start, stop = c * opts.chunk_size, min((c + 1) * opts.chunk_size, cfg.data.n)
             tensors, metadata = encode_chunk(data, start, stop, ae, encoder, spec.max_sequence_length,
                                              opts.encode_batch, bf16)
-            tmp = path.with_name(path.name + ".tmp")
-            save_file(tensors, tmp, metadata=metadata)
-            os.replace(tmp, path)
+            # the lambda runs before the loop moves on, so late binding of tensors/metadata is harmless
+            atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))  # noqa: B023
         bar.update(min(dist.world, n_chunks - r * dist.world))
         if dist.any(worked and time.monotonic() > deadline):
             break
@@ -126,10 +126,9 @@ def build_cache(cfg: TrainConfig, run: RunFolder, dist: Dist, runs_dir: Path, *,
 
 def _write_prompts(root: Path, encoder, prompts: list[str], length: int) -> None:
     txt, vec = encoder.encode(prompts, None, length)  # [P, L, 384], [P, 384]
-    tmp = root / (PROMPTS_FILE + ".tmp")
-    save_file({"txt": txt.to(torch.bfloat16).cpu().contiguous(), "vec": vec.float().cpu().contiguous()}, tmp,
-              metadata={"prompts": json.dumps(prompts)})
-    os.replace(tmp, root / PROMPTS_FILE)
+    tensors = {"txt": txt.to(torch.bfloat16).cpu().contiguous(), "vec": vec.float().cpu().contiguous()}
+    metadata = {"prompts": json.dumps(prompts)}
+    atomic_write(root / PROMPTS_FILE, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 # ------------------------------------------------------------------------------------------------ reading a cache

@@ -15,7 +15,6 @@ distillation of the ODE map, Luhman & Luhman 2021, restricted to the points a 1/
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -27,6 +26,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .. import sampling
+from ..atomic import atomic_write
 from ..model import Flux
 from ..sampling import ShiftConfig
 from .cache import Bucket, draw_rows
@@ -171,9 +171,8 @@ class SchnellTask(FlowTask):
                 states = solve_trajectories(teacher, self.cache.buckets[i], rows, self.opts.guidance,
                                             self.opts.teacher_steps, self.cfg.seed, self.dist.device,
                                             self.cfg.train.bf16)
-                tmp = names[k].with_name(names[k].name + ".tmp")
-                save_file({"states": states.contiguous()}, tmp)
-                os.replace(tmp, names[k])
+                tensors = {"states": states.contiguous()}  # the lambda below runs before the loop moves on
+                atomic_write(names[k], lambda tmp: save_file(tensors, tmp))  # noqa: B023
             bar.update(min(self.dist.world, len(jobs) - j))
             if self.dist.any(worked and time.monotonic() > deadline):
                 break

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import sampling
+from ..atomic import atomic_write
 from ..hub import save_native
 from ..model import Flux
 from ..params import FluxParams, ModelSpec
@@ -205,9 +205,6 @@ def export_run(run_root: Path, out: Path, ae_path: str = "ae.safetensors") -> Pa
             raise ValueError(f"{ae_dst} holds a different autoencoder than {ae_src}; models sharing it must come "
                              "from the same ae run")
     else:
-        ae_dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = ae_dst.with_name(ae_dst.name + ".tmp")
-        shutil.copyfile(ae_src, tmp)
-        os.replace(tmp, ae_dst)
+        atomic_write(ae_dst, lambda tmp: shutil.copyfile(ae_src, tmp))
     save_native(Path(out), model, spec, ae=None, ae_path=ae_path)
     return Path(out)

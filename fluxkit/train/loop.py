@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..atomic import atomic_write_text
 from .config import RESUMABLE_CHANGES, OptimConfig, TrainConfig, config_differences
 from .report import plot_losses
 
@@ -92,12 +93,6 @@ def step_generator(seed: int, stage: str, step: int, rank: int) -> torch.Generat
 
 
 # ------------------------------------------------------------------------------------------------ run folders
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def resolve_run(runs_dir: Path, ref: str, what: str) -> Path:
     """A run named in a config: a name under the runs dir, or a path (containing '/')."""
     path = Path(ref).expanduser() if "/" in ref else runs_dir / ref

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from ..atomic import atomic_write
 
 
 def plot_losses(history: list[float], path: Path, title: str) -> None:
@@ -37,10 +38,8 @@ def plot_losses(history: list[float], path: Path, title: str) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def to_uint8(images) -> list[np.ndarray]:
@@ -64,7 +63,4 @@ def save_grid(rows: list[list[np.ndarray]], path: Path, labels: list[str] | None
         for c, im in enumerate(row):
             canvas.paste(Image.fromarray(im), (label_w + pad + c * (cell_w + pad), y))
         y += heights[r] + pad
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    canvas.save(tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: canvas.save(tmp, format="PNG"))

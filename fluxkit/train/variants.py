@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from ..atomic import atomic_write, atomic_write_text
 from ..autoencoder import AutoEncoder
 from ..conditioning import Control, Fill, Kontext
 from ..hub import save_native
@@ -38,7 +39,7 @@ from .ae import load_trained_ae
 from .cache import CACHE_META
 from .config import TrainConfig, VariantOptions
 from .flow import EXPORT_DIR, noisy
-from .loop import Dist, RunFolder, atomic_write_text, resolve_run
+from .loop import Dist, RunFolder, resolve_run
 from .report import save_grid, to_uint8
 from .variants_data import (
     KONTEXT_KINDS,
@@ -276,9 +277,8 @@ class VariantTask:
         dtype = getattr(torch, self.opts.export_dtype)
         if self.opts.mode == "lora":
             sd = {k: v.to(dtype) for k, v in lora_state_dict(ema, self.init_img_in).items()}
-            tmp = run.root / (LORA_FILE + ".tmp")
-            save_file(sd, tmp, metadata={"format": "pt", "fluxkit_init": self.opts.init})
-            tmp.replace(run.root / LORA_FILE)
+            metadata = {"format": "pt", "fluxkit_init": self.opts.init}
+            atomic_write(run.root / LORA_FILE, lambda tmp: save_file(sd, tmp, metadata=metadata))
             ema = merged_model(ema)
             summary.update(lora=LORA_FILE, lora_parameters=sum(v.numel() for v in sd.values()))
         save_native(run.root / EXPORT_DIR, ema, self.spec, ae=self.ae, dtype=dtype)
@@ -354,9 +354,6 @@ def export_lora_variant(run_root: Path, out: Path, base: str) -> Path:
         "ae": os.path.normpath(os.path.join(base, base_meta["ae"])),
         "lora": LORA_FILE,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / (LORA_FILE + ".tmp")
-    shutil.copyfile(lora, tmp)
-    os.replace(tmp, out / LORA_FILE)
+    atomic_write(out / LORA_FILE, lambda tmp: shutil.copyfile(lora, tmp))
     atomic_write_text(out / "fluxkit.json", json.dumps(meta, indent=2) + "\n")  # last: the folder is complete
     return out
