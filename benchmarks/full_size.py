@@ -3,6 +3,7 @@ peak resident memory and seconds per step for bf16, int8, fp8, q8_0 and q4_0.
 
     python -m benchmarks.full_size                                   # the real thing: ~1 hour on 2 cores
     python -m benchmarks.full_size --kinds q4_0 int8 --json full.json
+    python -m benchmarks.full_size --kinds q4_0 int8 --dtype fp32 --steps 2   # an AVX2 CPU: bf16 is emulated there
     python -m benchmarks.full_size --depth 1 --single 1 --hidden 64 --heads 2 --size 64 --steps 2   # seconds
 
 No configuration holds more than its weights and one linear in flight: the network is built on the meta device and
@@ -20,7 +21,10 @@ loaded from a quantized file does not pay); "RSS built" is the resident memory o
 run. "anon" is the largest anonymous (not file-backed) RSS seen at the end of each step; for bf16 it excludes the
 mapped weights. "step 1" includes first-touch costs (page faults on the mapped file, first allocations); "s/step" is
 the median of the later steps. A quantized kind is skipped when the machine's available memory is below its
-estimated size. Targets (issue 5): peak RSS <= 16 GiB (aim 14), <= 60 s per step (aim 45).
+estimated size. --dtype auto computes in bf16 where the CPU has native bf16 (AVX512-BF16, AMX) and in fp32 where
+it is emulated (AVX2: ~100x slower than fp32); fp32 compute keeps the quantized codes as they are (each linear
+dequantizes to fp32 in flight) and skips bf16, whose fp32 copy would not fit.
+Targets (issue 5): peak RSS <= 16 GiB (aim 14), <= 60 s per step (aim 45).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ import torch
 from torch import nn
 
 from benchmarks.common import describe_machine
+from fluxkit.atomic import atomic_write
 from fluxkit.model import Flux
 from fluxkit.params import FLUX_SCHNELL, PRESETS, FluxParams
 from fluxkit.quant import FLUX_FULL_PRECISION, KINDS
@@ -49,7 +54,7 @@ GIB = 2**30
 DEFAULT_KINDS = ("bf16", "int8", "fp8", "q8_0", "q4_0")
 TARGET_RSS_GIB, TARGET_STEP_S = 16.0, 60.0
 REPO_ROOT = Path(__file__).resolve().parents[1]
-_FORWARDED = ("size", "steps", "txt_tokens", "depth", "single", "hidden", "heads", "std", "seed", "threads")
+_FORWARDED = ("size", "steps", "txt_tokens", "depth", "single", "hidden", "heads", "std", "seed", "threads", "dtype")
 
 
 def flux_params(args: argparse.Namespace) -> FluxParams:
@@ -70,8 +75,9 @@ def _quantized(name: str) -> bool:
     return name.split(".")[0] not in FLUX_FULL_PRECISION
 
 
-def estimated_bytes(params: FluxParams, kind: str) -> int:
-    """Bytes of the weights once built: quantized linears in their storage format, every other tensor in bf16."""
+def estimated_bytes(params: FluxParams, kind: str, float_bytes: int = 2) -> int:
+    """Bytes of the weights once built: quantized linears in their storage format, every other tensor (and the
+    quantized linears' biases) in the compute dtype, `float_bytes` wide (bf16: 2, fp32: 4)."""
     from fluxkit.gguf import BLOCK_QTYPES, row_bytes
 
     with torch.device("meta"):
@@ -82,9 +88,9 @@ def estimated_bytes(params: FluxParams, kind: str) -> int:
             out, inp = m.out_features, m.in_features
             codes = out * row_bytes(inp, kind) if kind in BLOCK_QTYPES else out * inp
             scales = 4 * out if kind in ("int8", "fp8_channel") else 4 if kind == "fp8" else 0
-            total += codes + scales + (2 * out if m.bias is not None else 0)
+            total += codes + scales + (float_bytes * out if m.bias is not None else 0)
         elif not any(True for _ in m.children()):
-            total += 2 * sum(p.numel() for p in m.parameters(recurse=False))
+            total += float_bytes * sum(p.numel() for p in m.parameters(recurse=False))
     return total
 
 
@@ -163,15 +169,18 @@ def write_random_safetensors(path: Path, params: FluxParams, std: float, seed: i
             if f.read(len(prefix)) == prefix:
                 _log(f"reusing {path}")
                 return path
-    gen, tmp = torch.Generator().manual_seed(seed), path.with_suffix(".tmp")
+    gen = torch.Generator().manual_seed(seed)
     _log(f"writing {offset / GIB:.2f} GiB of random bf16 weights to {path}")
     progress = _progress("tensors written", len(shapes))
-    with tmp.open("wb") as f:
-        f.write(prefix)
-        for i, (key, shape) in enumerate(shapes.items()):
-            f.write(_random_tensor(key, shape, std, gen).view(torch.uint8).numpy().data)
-            progress(i + 1)
-    os.replace(tmp, path)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(prefix)
+            for i, (key, shape) in enumerate(shapes.items()):
+                f.write(_random_tensor(key, shape, std, gen).view(torch.uint8).numpy().data)
+                progress(i + 1)
+
+    atomic_write(path, write)
     return path
 
 
@@ -206,12 +215,14 @@ def run_worker(args: argparse.Namespace) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    params, kind = flux_params(args), args.worker
+    params, kind, dtype = flux_params(args), args.worker, compute_dtype(args.dtype)
     start = time.perf_counter()
     if kind == "bf16":  # dtype=None keeps the mapped bf16 tensors as they are (no copy)
         model = load_flux_transformer(args.file, params=params, dtype=None)
     else:
-        model = build_quantized(params, kind, args.std, args.seed)
+        # fp32 compute: the quantized linears dequantize to the input's dtype, their stored codes stay as they are;
+        # only biases, norm scales and the small full-precision layers around the blocks become fp32
+        model = build_quantized(params, kind, args.std, args.seed).to(dtype)
     build_s = time.perf_counter() - start
     build_peak = _status_bytes("VmHWM")
     _release_free_memory()
@@ -223,8 +234,8 @@ def run_worker(args: argparse.Namespace) -> dict:
         vae = AutoEncoder(spec.ae)
     pipe = FluxPipeline(model, vae, None, spec)
     gen = torch.Generator().manual_seed(args.seed)
-    txt = torch.randn(1, args.txt_tokens, params.context_in_dim, generator=gen).to(torch.bfloat16)  # [1, L_txt, 4096]
-    vec = torch.randn(1, params.vec_in_dim, generator=gen).to(torch.bfloat16)  # [1, 768]
+    txt = torch.randn(1, args.txt_tokens, params.context_in_dim, generator=gen).to(dtype)  # [1, L_txt, 4096]
+    vec = torch.randn(1, params.vec_in_dim, generator=gen).to(dtype)  # [1, 768]
     marks, anon = [time.perf_counter()], []
 
     def on_step(_pipe, i, _t, tensors):
@@ -237,8 +248,8 @@ def run_worker(args: argparse.Namespace) -> dict:
                    num_inference_steps=args.steps, generator=gen, output_type="latent",
                    callback_on_step_end=on_step).images  # [1, L_img, 64]
     steps = [b - a for a, b in zip(marks, marks[1:])]
-    return {"kind": kind, "weights_gib": sum(t.numel() * t.element_size() for t in
-                                             [*model.parameters(), *model.buffers()]) / GIB,
+    weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    return {"kind": kind, "dtype": str(dtype).removeprefix("torch."), "weights_gib": weights / GIB,
             "build_s": build_s, "build_peak_gib": build_peak / GIB, "rss_built_gib": rss_built / GIB,
             "peak_rss_gib": _status_bytes("VmHWM") / GIB,
             "anon_gib": max(anon) / GIB, "step_s": steps, "finite": bool(latents.isfinite().all())}
@@ -256,10 +267,21 @@ def _available_bytes() -> int:
     raise RuntimeError("MemAvailable not found in /proc/meminfo")
 
 
+def compute_dtype(name: str) -> torch.dtype:
+    """--dtype: auto is bf16 where the CPU computes it natively (AVX512-BF16/AMX) and fp32 where bf16 is emulated."""
+    from fluxkit.devices import cpu_has_fast_bf16
+
+    if name == "auto":
+        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
 def skip_reason(args: argparse.Namespace, params: FluxParams, kind: str, file: Path) -> str | None:
     """Why `kind` cannot run here (None: it can)."""
+    if kind == "bf16" and compute_dtype(args.dtype) != torch.bfloat16:
+        return "bf16 weights computed in fp32 would need an fp32 copy of the model (2x the bf16 size)"
     try:
-        need = estimated_bytes(params, kind)
+        need = estimated_bytes(params, kind, compute_dtype(args.dtype).itemsize)
     except ValueError as err:  # a K-quant on widths not divisible by 256
         return str(err)
     if kind == "bf16":
@@ -320,6 +342,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--std", type=float, default=0.02, help="std of the random weights")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, help="torch threads in each child (default: torch's choice)")
+    parser.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
+                        help="compute dtype; auto: bf16 on CPUs with native bf16, fp32 where it is emulated (AVX2)")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()), help="where the bf16 file goes")
     parser.add_argument("--keep-file", action="store_true", help="keep the bf16 file for the next run")
     parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
@@ -338,7 +362,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     n = _param_count(params)
     print(f"FLUX.1-schnell-shaped transformer: {n / 1e9:.2f}B parameters ({params.depth} double + "
           f"{params.depth_single_blocks} single blocks, hidden {params.hidden_size}), random weights std {args.std}; "
-          f"{args.size}^2, {args.steps} steps, {args.txt_tokens} text tokens; "
+          f"{args.size}^2, {args.steps} steps, {args.txt_tokens} text tokens, "
+          f"{str(compute_dtype(args.dtype)).removeprefix('torch.')} compute; "
           f"targets: peak RSS <= {TARGET_RSS_GIB:g} GiB, <= {TARGET_STEP_S:g} s/step", flush=True)
     file = args.workdir / (f"fluxkit-random-{params.depth}x{params.depth_single_blocks}-{params.hidden_size}"
                            f"-seed{args.seed}.safetensors")

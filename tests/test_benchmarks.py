@@ -106,7 +106,7 @@ def test_cold_generate(tiny_schnell_folder):
 
 def test_full_size_table(tmp_path, capsys):
     rows = full_size.main([*TOY_FLUX, "--kinds", "bf16", "q4_0", "q4_k", "--workdir", str(tmp_path),
-                           "--json", str(tmp_path / "f.json")])
+                           "--dtype", "bf16", "--json", str(tmp_path / "f.json")])
     bf16, q4_0, q4_k = rows
     for r in (bf16, q4_0):
         assert len(r["step_s"]) == 2 and all(s > 0 for s in r["step_s"]) and r["finite"]
@@ -116,6 +116,15 @@ def test_full_size_table(tmp_path, capsys):
     assert not list(tmp_path.glob("*.safetensors"))  # the bf16 file is removed unless --keep-file
     out = capsys.readouterr().out
     assert len(_table_lines(out, ["bf16", "q4_0", "q4_k"])) == 2 * 3  # as each finishes, and in the summary
+
+
+def test_full_size_fp32_compute_keeps_codes_and_skips_bf16(tmp_path):
+    bf16, q8_0 = full_size.main([*TOY_FLUX, "--kinds", "bf16", "q8_0", "--dtype", "fp32", "--workdir", str(tmp_path)])
+    assert "fp32 copy" in bf16["skipped"]
+    assert q8_0["dtype"] == "float32" and q8_0["finite"] and len(q8_0["step_s"]) == 2
+    params = full_size.flux_params(_toy_args())  # 8-bit codes, everything else (biases, norms, txt_in, ...) fp32
+    assert q8_0["weights_gib"] * full_size.GIB == full_size.estimated_bytes(params, "q8_0", float_bytes=4)
+    assert full_size.estimated_bytes(params, "q8_0", 4) > full_size.estimated_bytes(params, "q8_0")
 
 
 def _toy_args() -> argparse.Namespace:
