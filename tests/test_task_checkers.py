@@ -239,7 +239,8 @@ def test_runner_calls_the_right_mode_and_writes_results(tiny, task, model, hook,
     items = build_task_items(task, 2, size=(size, size))
     calls, base_calls = [], []
     pipe = _spy(tiny[model], calls)
-    baseline = _spy(tiny["base"], base_calls) if task == "control" else None
+    with_baseline = task in ("control", "regional")
+    baseline = _spy(tiny["base"], base_calls) if with_baseline else None
     try:
         summary = run_task_eval(pipe, task, items, steps=1, batch_size=2, baseline=baseline, out=tmp_path,
                                 log=lambda _: None)
@@ -247,27 +248,32 @@ def test_runner_calls_the_right_mode_and_writes_results(tiny, task, model, hook,
         for p in (pipe, tiny["base"]):
             p.__dict__.pop("_generate", None)  # back to the class method for the next test
     per_item = task == "regional"  # each item has its own region prompts: one call each
+    calls = [c for c in calls if c[0] is not None]  # regional: pipe and baseline are one pipeline here
     assert [type(c[0]).__name__ for c in calls] == [hook] * (2 if per_item else 1)
     assert [p for c in calls for p in c[1]] == [it.prompt for it in items] and calls[0][2] == (size, size)
     if task == "regional":
         assert calls[0][0].prompts == [r.prompt for r in items[0].regions]
     if task == "fill":
         assert np.array_equal(np.asarray(calls[0][0].mask_image[1]) > 0, items[1].mask)
-    assert [c[0] for c in base_calls] == ([None] if task == "control" else [])  # the baseline: text-to-image
+    # the baseline: text-to-image on the items' (global) prompts, batched
+    base_calls = [c for c in base_calls if c[0] is None]
+    assert [c[0] for c in base_calls] == ([None] if with_baseline else [])
+    if with_baseline:
+        assert base_calls[0][1] == [it.prompt for it in items]
     assert set(summary) == {*{it.kind for it in items}, "overall"} and summary["overall"]["n"] == 2
     assert 0.0 <= summary["overall"]["pass_rate"] <= 1.0 and summary["overall"]["seconds_per_image"] > 0
-    assert ("baseline" in summary["overall"]) == (task == "control")
+    assert ("baseline" in summary["overall"]) == with_baseline
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["task"] == task and [row["id"] for row in saved["items"]] == [it.id for it in items]
     grid = Image.open(tmp_path / "grid.png")
     tile = size + 4  # 2 px frame
-    assert grid.size == (2 * (4 if task == "control" else 3) * tile + 2 * (tile // 4), tile)
+    assert grid.size == (2 * (4 if with_baseline else 3) * tile + 2 * (tile // 4), tile)
 
 
 def test_runner_rejects_a_model_of_the_wrong_layout(tiny):
     with pytest.raises(ValueError, match="task 'fill' needs a 'fill'-layout model.*'base'"):
         run_task_eval(tiny["base"], "fill", build_task_items("fill", 1, size=(32, 32)), steps=1)
-    with pytest.raises(ValueError, match="control task only"):
+    with pytest.raises(ValueError, match="control and regional tasks only"):
         run_task_eval(tiny["base"], "edit", build_task_items("edit", 1, size=(32, 32)), baseline=tiny["base"])
     with pytest.raises(ValueError, match="every item must be a 'edit'"):
         run_task_eval(tiny["base"], "edit", build_task_items("regional", 1, size=(32, 32)))
@@ -291,4 +297,4 @@ def test_eval_cli_scores_a_task_and_rejects_misuse(tmp_path, capsys):
     assert main(["eval", "--items", "3", "--ground-truth"]) == 2
     assert "--items and --baseline-model need --task" in capsys.readouterr().err
     assert main(["eval", "--task", "fill", "--baseline-model", "x", "--ground-truth"]) == 2
-    assert "control only" in capsys.readouterr().err
+    assert "control or regional only" in capsys.readouterr().err

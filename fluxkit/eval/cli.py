@@ -5,6 +5,7 @@ fluxkit eval --model fluxkit-tiny-schnell --steps 2 --quick
 fluxkit eval --ground-truth            # the checker's ceiling on the generator's own renders
 fluxkit eval --task fill --model runs/tiny-fill --out runs/eval-fill     # conditioned generation (issue #6)
 fluxkit eval --task control --model runs/tiny-canny --baseline-model fluxkit-tiny-dev
+fluxkit eval --task regional --model fluxkit-tiny-dev --baseline-model fluxkit-tiny-dev  # vs the global prompt alone
 fluxkit eval --task edit --ground-truth
 fluxkit eval --task fill --model fluxkit-tiny-fill --adapter-weight 0   # the variant's base, ignoring the condition
 """
@@ -39,7 +40,8 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--items", type=int, help=f"--task: items per seed (default {TASK_ITEMS}, {QUICK_ITEMS} with --quick)"
     )
-    p.add_argument("--baseline-model", help="--task control: a text-to-image model run without the control image")
+    p.add_argument("--baseline-model", help="--task control|regional: a text-to-image model run without the control "
+                   "image / the region prompts (global prompt alone)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.set_defaults(run=run)
@@ -112,8 +114,8 @@ def run_task(args) -> int:
 
     if args.true_cfg != 1.0:
         raise ValueError("--true-cfg is not supported with --task")
-    if args.baseline_model and args.task != "control":
-        raise ValueError(f"--baseline-model applies to --task control only, got --task {args.task}")
+    if args.baseline_model and args.task not in ("control", "regional"):
+        raise ValueError(f"--baseline-model applies to --task control or regional only, got --task {args.task}")
     n = args.items if args.items is not None else QUICK_ITEMS if args.quick else TASK_ITEMS
     items = build_task_items(args.task, n, seeds=tuple(args.seeds), size=tuple(args.size))
     if args.ground_truth:

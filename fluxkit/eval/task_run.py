@@ -10,8 +10,9 @@ conditioning=hook)`, so any fluxkit pipeline object works (a plain `FluxPipeline
 - regional: `RegionalPrompts(region prompts, region masks)` with the global prompt, one item per call (each item
   has its own regions).
 
-The control task's baseline is another pipeline (a text-to-image model, e.g. the base the control model was tuned
-from) run on the same prompts, seeds, steps and guidance without the control image: how much the edges steer.
+The control and regional tasks take a baseline: another pipeline (a text-to-image model, e.g. the base the control
+model was tuned from, or the same model) run on the same prompts, seeds, steps and guidance without the condition —
+the control image, or the region prompts and masks (the global prompt alone): how much the condition steers.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from fluxkit.atomic import atomic_write, atomic_write_text
 from fluxkit.eval.tasks import TASK_KINDS, TASKS, TaskItem, TaskResult, check_task, ground_truth
 
 LAYOUTS = {"fill": "fill", "control": "control", "edit": "base", "regional": "base"}  # model_layout per task
+BASELINE_TASKS = ("control", "regional")  # tasks whose condition can be dropped for an unconditioned comparison
 BORDER = 2
 
 
@@ -210,8 +212,9 @@ def run_task_eval(pipe, task: str, items: Sequence[TaskItem], *, steps: int | No
                   log: Callable[[str], None] = print) -> dict:
     """Generate every item with `pipe` under its task's conditioning, score and report (see the module docstring).
 
-    baseline: control only, a text-to-image pipeline run on the same prompts and seeds without the control image;
-    its pass rate and mean edge IoU appear beside the conditioned ones. Returns the summary dict
+    baseline: control and regional only, a text-to-image pipeline run on the same prompts and seeds without the
+    control image / the region prompts (the global prompt alone); its pass rate and metrics appear beside the
+    conditioned ones. Returns the summary dict
     ({item kind or "overall": {n, pass_rate, checks, metrics[, baseline]}}).
     """
     from fluxkit.conditioning import model_layout
@@ -221,8 +224,8 @@ def run_task_eval(pipe, task: str, items: Sequence[TaskItem], *, steps: int | No
     if have != need:
         raise ValueError(f"task {task!r} needs a {need!r}-layout model, but this pipeline's transformer is {have!r} "
                          "(fill: a Fill model, img_in 384; control: a Canny model, img_in 128; edit, regional: 64)")
-    if baseline is not None and task != "control":
-        raise ValueError(f"a baseline applies to the control task only, got task {task!r}")
+    if baseline is not None and task not in BASELINE_TASKS:
+        raise ValueError(f"a baseline applies to the control and regional tasks only, got task {task!r}")
     if baseline is not None and model_layout(baseline) != "base":
         raise ValueError(f"the baseline must be a text-to-image model, got a {model_layout(baseline)!r} layout")
     t0 = time.perf_counter()
