@@ -250,6 +250,7 @@ def run_worker(args: argparse.Namespace) -> dict:
     steps = [b - a for a, b in zip(marks, marks[1:])]
     weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     return {"kind": kind, "dtype": str(dtype).removeprefix("torch."), "weights_gib": weights / GIB,
+            "step_tflop": step_flops(params, latents.shape[1], args.txt_tokens) / 1e12,
             "build_s": build_s, "build_peak_gib": build_peak / GIB, "rss_built_gib": rss_built / GIB,
             "peak_rss_gib": _status_bytes("VmHWM") / GIB,
             "anon_gib": max(anon) / GIB, "step_s": steps, "finite": bool(latents.isfinite().all())}
@@ -322,11 +323,12 @@ def row_line(r: dict) -> str:
     return (f"{r['kind']:<8} {r['weights_gib']:>8.2f} {r['build_s']:>8.1f} {r['build_peak_gib']:>8.2f} "
             f"{r['rss_built_gib']:>9.2f} "
             f"{r['peak_rss_gib']:>9.2f} {r['anon_gib']:>7.2f} {steps[0]:>8.2f} {per_step:>8.2f} "
+            f"{r['step_tflop'] * 1e3 / per_step:>8.1f} "
             f"{'yes' if meets else 'no':>6}{'' if r['finite'] else '  (non-finite latents)'}")
 
 
 HEADER = (f"{'kind':<8} {'weights':>8} {'build s':>8} {'build pk':>8} {'RSS built':>9} {'peak RSS':>9} {'anon':>7} "
-          f"{'step 1 s':>8} {'s/step':>8} {'meets':>6}   (GiB unless marked s)")
+          f"{'step 1 s':>8} {'s/step':>8} {'GFLOP/s':>8} {'meets':>6}   (GiB unless marked s)")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -363,7 +365,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"FLUX.1-schnell-shaped transformer: {n / 1e9:.2f}B parameters ({params.depth} double + "
           f"{params.depth_single_blocks} single blocks, hidden {params.hidden_size}), random weights std {args.std}; "
           f"{args.size}^2, {args.steps} steps, {args.txt_tokens} text tokens, "
-          f"{str(compute_dtype(args.dtype)).removeprefix('torch.')} compute; "
+          f"{str(compute_dtype(args.dtype)).removeprefix('torch.')} compute, "
+          f"{step_flops(params, (args.size // 16) ** 2, args.txt_tokens) / 1e12:.2f} TFLOP per step; "
           f"targets: peak RSS <= {TARGET_RSS_GIB:g} GiB, <= {TARGET_STEP_S:g} s/step", flush=True)
     file = args.workdir / (f"fluxkit-random-{params.depth}x{params.depth_single_blocks}-{params.hidden_size}"
                            f"-seed{args.seed}.safetensors")
@@ -383,6 +386,34 @@ def main(argv: list[str] | None = None) -> list[dict]:
         args.json.write_text(json.dumps({"machine": describe_machine(), "params_b": n / 1e9, "rows": rows,
                                          "args": {k: str(v) for k, v in vars(args).items()}}, indent=1))
     return rows
+
+
+def step_flops(params: FluxParams, img_tokens: int, txt_tokens: int) -> int:
+    """Multiply-adds x 2 of one transformer call: each linear's weights times the tokens it sees (image-stream
+    weights the image tokens, text-stream the text tokens, single blocks both, modulation and the embedders of
+    timestep/vector one), plus attention's QK^T and AV over the joint sequence."""
+    with torch.device("meta"):
+        model = Flux(params)
+    joint = img_tokens + txt_tokens
+    total = 0
+    for name, m in model.named_modules():
+        if type(m) is not nn.Linear:
+            continue
+        parts = name.split(".")
+        if name.endswith(("_mod.lin", "modulation.lin", "adaLN_modulation.1")) or parts[0] in (
+                "time_in", "vector_in", "guidance_in"):
+            tokens = 1
+        elif parts[0] == "double_blocks":
+            tokens = img_tokens if parts[2].startswith("img_") else txt_tokens
+        elif parts[0] == "single_blocks":
+            tokens = joint
+        elif parts[0] == "txt_in":
+            tokens = txt_tokens
+        else:  # img_in, final_layer.linear
+            tokens = img_tokens
+        total += 2 * m.in_features * m.out_features * tokens
+    blocks = params.depth + params.depth_single_blocks
+    return total + blocks * 4 * joint * joint * params.hidden_size
 
 
 def _param_count(params: FluxParams) -> int:

@@ -15,6 +15,7 @@ import torch
 # benchmarks/ is a package of scripts at the repository root (run as `python -m benchmarks.NAME`), not installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import full_size, quant_quality, step_cache, tiny_e2e  # noqa: E402
+from fluxkit.model import Flux  # noqa: E402
 
 # Small everything, on one thread: tiny matmuls gain nothing from two, and lose much when the cores are shared.
 QUALITY = ["--size", "32", "--num-prompts", "2", "--seeds", "0", "--eval-categories", "colour", "--eval-seeds", "0",
@@ -125,6 +126,19 @@ def test_full_size_fp32_compute_keeps_codes_and_skips_bf16(tmp_path):
     params = full_size.flux_params(_toy_args())  # 8-bit codes, everything else (biases, norms, txt_in, ...) fp32
     assert q8_0["weights_gib"] * full_size.GIB == full_size.estimated_bytes(params, "q8_0", float_bytes=4)
     assert full_size.estimated_bytes(params, "q8_0", 4) > full_size.estimated_bytes(params, "q8_0")
+
+
+def test_full_size_step_flops_counts_every_linear():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    params = full_size.flux_params(_toy_args())
+    model, img, txt = Flux(params), 16, 8
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.randn(1, img, 64), torch.zeros(1, img, 3), torch.randn(1, txt, params.context_in_dim),
+              torch.zeros(1, txt, 3), torch.rand(1), torch.randn(1, params.vec_in_dim))
+    # the counter sees the matmuls of every linear (not CPU attention): step_flops less its attention term
+    attention = (params.depth + params.depth_single_blocks) * 4 * (img + txt) ** 2 * params.hidden_size
+    assert counter.get_total_flops() == full_size.step_flops(params, img, txt) - attention
 
 
 def _toy_args() -> argparse.Namespace:
