@@ -39,6 +39,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
+def atomic_save_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' `save_file` through `atomic_write` (safetensors imported only when called)."""
+    from safetensors.torch import save_file
+
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
 def _umask() -> int:
     """The process umask. Linux shows it in /proc; elsewhere it can only be read by setting it, which briefly applies
     to files other threads create, so the value set meanwhile is the strict 0o077, never 0."""

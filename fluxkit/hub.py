@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_write, atomic_write_text
+from .atomic import atomic_save_safetensors, atomic_write_text
 from .devices import parse_dtype
 from .params import AutoEncoderParams, FluxParams, ModelSpec
 
@@ -218,11 +218,8 @@ def save_native(
     dtype: torch.dtype = torch.bfloat16,
 ) -> None:
     """Write a fluxkit folder; `ae=None` with a relative `ae_path` refers to an shared autoencoder."""
-    from safetensors.torch import save_file
-
     def write(path: Path, sd: dict) -> None:
-        tensors = {k: v.detach().to(dtype).contiguous().cpu() for k, v in sd.items()}
-        atomic_write(path, lambda tmp: save_file(tensors, tmp))
+        atomic_save_safetensors(path, {k: v.detach().to(dtype).contiguous().cpu() for k, v in sd.items()})
 
     write(folder / "transformer.safetensors", transformer.state_dict())
     if ae is not None:

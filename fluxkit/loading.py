@@ -19,10 +19,9 @@ from huggingface_hub import constants, snapshot_download
 from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError
 from huggingface_hub.utils import validate_repo_id
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .atomic import atomic_write, atomic_write_text
+from .atomic import atomic_save_safetensors, atomic_write_text
 from .autoencoder import AutoEncoder
 from .convert import (
     FLUX_AXES_DIM,
@@ -296,7 +295,7 @@ def resolve_model_source(name_or_path: str | os.PathLike, allow_download: bool =
 
 def _save_safetensors(sd: Mapping[str, Tensor], path: Path) -> None:
     tensors = {k: v.detach().contiguous() for k, v in sd.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_save_safetensors(path, tensors, {"format": "pt"})
 
 
 def _state_dict(model_or_sd: nn.Module | Mapping[str, Tensor]) -> StateDict:

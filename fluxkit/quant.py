@@ -24,11 +24,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from . import gguf as ggml
-from .atomic import atomic_write
+from .atomic import atomic_save_safetensors
 from .convert import (
     check_state_dict,
     detect_layout,
@@ -288,7 +287,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike) -> Path:
     if kinds == ["fp8"]:
         sd[COMFY_FP8_MARKER] = torch.empty(0, dtype=torch.float8_e4m3fn)
     metadata = {"format": "pt", QUANT_METADATA_KEY: ",".join(kinds)}
-    atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=metadata))
+    atomic_save_safetensors(path, sd, metadata)
     return path
 
 

@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 from huggingface_hub import constants
 from huggingface_hub.errors import LocalEntryNotFoundError
@@ -184,7 +185,7 @@ def test_save_bfl_is_atomic(tmp_path, diffusers_dev, monkeypatch):
         Path(filename).write_bytes(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(loading, "save_file", crash_midway)
+    monkeypatch.setattr(safetensors.torch, "save_file", crash_midway)  # fluxkit.atomic imports it per call
     with pytest.raises(OSError, match="disk full"):
         save_bfl(model, path)
     assert [p.name for p in tmp_path.iterdir()] == ["flux.safetensors"]  # no temp file left behind

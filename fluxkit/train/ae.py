@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from ..atomic import atomic_write, atomic_write_text
+from ..atomic import atomic_save_safetensors, atomic_write, atomic_write_text
 from ..autoencoder import AutoEncoder
 from ..data import SceneDataset
 from ..params import AutoEncoderParams
@@ -110,7 +110,7 @@ class AETask:
 
     def finish(self, ema: nn.Module, run: RunFolder) -> dict:
         weights = {k: v.detach().float().contiguous().cpu() for k, v in ema.state_dict().items()}
-        atomic_write(run.root / AE_FILE, lambda tmp: save_file(weights, tmp))
+        atomic_save_safetensors(run.root / AE_FILE, weights)
         return describe_ae(ema, self.cfg, run.root, self.dist.device)
 
 

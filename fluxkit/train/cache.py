@@ -27,11 +27,10 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..atomic import atomic_write, atomic_write_text
+from ..atomic import atomic_save_safetensors, atomic_write_text
 from ..autoencoder import AutoEncoder
 from ..data import SceneDataset
 from ..params import AutoEncoderParams
@@ -104,8 +103,7 @@ def build_cache(cfg: TrainConfig, run: RunFolder, dist: Dist, runs_dir: Path, *,
             start, stop = c * opts.chunk_size, min((c + 1) * opts.chunk_size, cfg.data.n)
             tensors, metadata = encode_chunk(data, start, stop, ae, encoder, spec.max_sequence_length,
                                              opts.encode_batch, bf16)
-            # the lambda runs before the loop moves on, so late binding of tensors/metadata is harmless
-            atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))  # noqa: B023
+            atomic_save_safetensors(path, tensors, metadata)
         bar.update(min(dist.world, n_chunks - r * dist.world))
         if dist.any(worked and time.monotonic() > deadline):
             break
@@ -128,7 +126,7 @@ def _write_prompts(root: Path, encoder, prompts: list[str], length: int) -> None
     txt, vec = encoder.encode(prompts, None, length)  # [P, L, 384], [P, 384]
     tensors = {"txt": txt.to(torch.bfloat16).cpu().contiguous(), "vec": vec.float().cpu().contiguous()}
     metadata = {"prompts": json.dumps(prompts)}
-    atomic_write(root / PROMPTS_FILE, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_save_safetensors(root / PROMPTS_FILE, tensors, metadata)
 
 
 # ------------------------------------------------------------------------------------------------ reading a cache

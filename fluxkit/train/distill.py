@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .. import sampling
-from ..atomic import atomic_write
+from ..atomic import atomic_save_safetensors
 from ..model import Flux
 from ..sampling import ShiftConfig
 from .cache import Bucket, draw_rows
@@ -171,8 +171,7 @@ class SchnellTask(FlowTask):
                 states = solve_trajectories(teacher, self.cache.buckets[i], rows, self.opts.guidance,
                                             self.opts.teacher_steps, self.cfg.seed, self.dist.device,
                                             self.cfg.train.bf16)
-                tensors = {"states": states.contiguous()}  # the lambda below runs before the loop moves on
-                atomic_write(names[k], lambda tmp: save_file(tensors, tmp))  # noqa: B023
+                atomic_save_safetensors(names[k], {"states": states.contiguous()})
             bar.update(min(self.dist.world, len(jobs) - j))
             if self.dist.any(worked and time.monotonic() > deadline):
                 break

@@ -24,10 +24,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from ..atomic import atomic_write, atomic_write_text
+from ..atomic import atomic_save_safetensors, atomic_write, atomic_write_text
 from ..autoencoder import AutoEncoder
 from ..conditioning import Control, Fill, Kontext
 from ..hub import save_native
@@ -278,7 +277,7 @@ class VariantTask:
         if self.opts.mode == "lora":
             sd = {k: v.to(dtype) for k, v in lora_state_dict(ema, self.init_img_in).items()}
             metadata = {"format": "pt", "fluxkit_init": self.opts.init}
-            atomic_write(run.root / LORA_FILE, lambda tmp: save_file(sd, tmp, metadata=metadata))
+            atomic_save_safetensors(run.root / LORA_FILE, sd, metadata)
             ema = merged_model(ema)
             summary.update(lora=LORA_FILE, lora_parameters=sum(v.numel() for v in sd.values()))
         save_native(run.root / EXPORT_DIR, ema, self.spec, ae=self.ae, dtype=dtype)
