@@ -3,6 +3,7 @@
 fluxkit eval --model fluxkit-tiny-dev --out runs/eval-dev
 fluxkit eval --model fluxkit-tiny-schnell --steps 2 --quick
 fluxkit eval --ground-truth            # the checker's ceiling on the generator's own renders
+fluxkit eval --ground-truth --through-ae --model fluxkit-tiny-dev   # the ceiling its autoencoder sets
 fluxkit eval --task fill --model runs/tiny-fill --out runs/eval-fill     # conditioned generation (issue #6)
 fluxkit eval --task control --model runs/tiny-canny --baseline-model fluxkit-tiny-dev
 fluxkit eval --task regional --model fluxkit-tiny-dev --baseline-model fluxkit-tiny-dev  # vs the global prompt alone
@@ -23,6 +24,8 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="built-in name, folder or repo id (default: fluxkit-tiny-dev)")
     p.add_argument("--transformer", help="a single-file transformer replacing the model's own")
     p.add_argument("--ground-truth", action="store_true", help="score the scenes' own renders instead of a model")
+    p.add_argument("--through-ae", action="store_true",
+                   help="--ground-truth: round-trip the renders through --model's autoencoder (the ceiling it sets)")
     p.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
     p.add_argument("--guidance", type=float, help="distilled guidance (default: the model's)")
     p.add_argument("--true-cfg", type=float, default=1.0, help="true CFG scale against the empty prompt (> 1 enables)")
@@ -80,6 +83,22 @@ def make_generate(pipe, width: int, height: int, steps: int | None, guidance: fl
     return generate
 
 
+def autoencode(pipe):
+    """A batch of PIL images -> the same images encoded (posterior mean) and decoded by `pipe`'s autoencoder."""
+    import torch
+
+    from ..conditioning import to_pixels
+
+    def roundtrip(images):
+        pixels = to_pixels(images, None, "image", multiple=pipe.vae.params.downscale)
+        with torch.inference_mode(), pipe._placed("vae"):
+            weight = next(pipe.vae.parameters())
+            z = pipe.vae.encode(pixels.to(weight.device, weight.dtype))
+        return pipe.decode(z)
+
+    return roundtrip
+
+
 def _load(args, name: str, transformer=None):
     import torch
 
@@ -114,6 +133,8 @@ def run_task(args) -> int:
 
     if args.true_cfg != 1.0:
         raise ValueError("--true-cfg is not supported with --task")
+    if args.through_ae:
+        raise ValueError("--through-ae applies to the suite, not to --task")
     if args.baseline_model and args.task not in ("control", "regional"):
         raise ValueError(f"--baseline-model applies to --task control or regional only, got --task {args.task}")
     n = args.items if args.items is not None else QUICK_ITEMS if args.quick else TASK_ITEMS
@@ -146,8 +167,11 @@ def run(args) -> int:
 
     suite = build_suite(quick=args.quick, seeds=tuple(args.seeds), size=tuple(args.size))
     if args.ground_truth:
-        score_ground_truth(suite, args.out)
+        transform = autoencode(_load(args, args.model or "fluxkit-tiny-dev")) if args.through_ae else None
+        score_ground_truth(suite, args.out, transform=transform)
         return 0
+    if args.through_ae:
+        raise ValueError("--through-ae needs --ground-truth")
     pipe = _model_under_test(args)
     generate = make_generate(pipe, args.size[0], args.size[1], args.steps, args.guidance, args.true_cfg)
     summary = run_eval(generate, suite, args.out, batch_size=args.batch_size)
