@@ -27,8 +27,9 @@ BUILTIN = {
     "fluxkit-tiny-schnell": "tiny-schnell",
     "fluxkit-tiny-dev": "tiny-dev",
     # The FLUX.1 tools variants, each tiny-dev plus a control LoRA (as BFL's FLUX.1-Canny-dev-lora on FLUX.1-dev);
-    # canny and kontext join when their trained adapters beat their baselines (README, Control and editing).
+    # kontext joins when its trained adapter beats its baseline (README, Control and editing).
     "fluxkit-tiny-fill": "tiny-fill",
+    "fluxkit-tiny-canny": "tiny-canny",
 }
 DEFAULT_MODEL = "fluxkit-tiny-schnell"
 DIFFUSERS_PATTERNS = [

@@ -1,6 +1,7 @@
-"""The shipped FLUX.1-tools variants (so far fluxkit-tiny-fill): tiny-dev plus a control LoRA. It loads by name
-offline in its diffusers-named pipeline, and the adapter does its job: with it, the model keeps the pixels outside a
-fill mask better than the same pipeline with the adapter's weight set to 0 (tiny-dev ignoring the condition)."""
+"""The shipped FLUX.1-tools variants (fluxkit-tiny-fill and fluxkit-tiny-canny): tiny-dev plus a control LoRA. Each
+loads by name offline in its diffusers-named pipeline, and the adapter does its job, measured against the same
+pipeline with the adapter's weight set to 0 (tiny-dev ignoring the condition): with it, Fill keeps the pixels outside
+the mask better, and Canny's output edges overlap the control edges more."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from fluxkit.eval.tasks import build_task_items, check_task
 
 VARIANTS = {  # name -> (pipeline, eval task, img_in width, metric, better)
     "fluxkit-tiny-fill": ("FluxFillPipeline", "fill", 64 + 64 + 256, "outside_mae", "lower"),
+    "fluxkit-tiny-canny": ("FluxControlPipeline", "control", 64 + 64, "edge_iou", "higher"),
 }
 
 
