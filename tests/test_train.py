@@ -146,6 +146,33 @@ def test_loss_goes_down_when_overfitting_one_batch(runs, stage):
     assert losses[-1] < 0.5 * losses[0], losses
 
 
+def test_cache_kinds_weight_the_scene_mix(runs, tmp_path):
+    import shutil
+
+    shutil.copytree(runs / "test-ae", tmp_path / "test-ae")
+    cfg = config("cache", "name=mix", "data.n=24", 'data.kinds=["single", "single", "sign"]')
+    assert run_stage(cfg, tmp_path, quiet=True).finished
+    cache = LatentCache.load(tmp_path / "mix")
+    captions = [c for b in cache.buckets for c in b.captions]
+    signs = sum("'" in c or '"' in c for c in captions)
+    assert len(captions) == 24 and 0 < signs < 24  # only single objects and signs were drawn
+    assert json.loads((tmp_path / "mix" / "cache.json").read_text())["scenes"]["kinds"] == ["single", "single", "sign"]
+    with pytest.raises(ValueError, match="data.kinds"):
+        config("cache", 'data.kinds=["single", "blob"]')
+
+
+def test_base_init_continues_from_another_runs_ema(runs):
+    task = BaseTask(config("base", "name=base-continued", "flow.init=test-base"), Dist(), runs)
+    ema = load_file(runs / "test-base" / "checkpoints" / "step-00000003" / "ema.safetensors")
+    assert ema.keys() == task.model.state_dict().keys()
+    for k, v in task.model.state_dict().items():
+        torch.testing.assert_close(v, ema[k], msg=k)
+    fresh = BaseTask(config("base", "name=base-fresh"), Dist(), runs).model.state_dict()
+    assert any(not torch.equal(fresh[k], ema[k]) for k in ema)  # the init changed the weights
+    with pytest.raises(ValueError, match="nope"):
+        BaseTask(config("base", "name=base-bad", "flow.init=nope"), Dist(), runs)
+
+
 def test_dev_student_starts_as_the_base_teacher(runs):
     task = DevTask(config("dev", "name=dev-init"), Dist(), runs)
     cache = task.cache
@@ -184,6 +211,8 @@ def test_export_loads_in_the_pipeline_and_shares_one_autoencoder(runs, tmp_path)
     assert image.shape == (1, 32, 48, 3)
     dev = FluxPipeline.from_pretrained(tmp_path / "test-dev")
     assert dev.transformer.params.guidance_embed
+    export_run(runs / "test-dev", tmp_path / "renamed", name="my-dev")  # --name
+    assert FluxPipeline.from_pretrained(tmp_path / "renamed").spec.name == "my-dev"
     with pytest.raises(ValueError, match="different autoencoder"):
         (tmp_path / "ae.safetensors").write_bytes((runs / "test-ae" / "ae.safetensors").read_bytes())  # fp32 != bf16
         export_run(runs / "test-dev", tmp_path / "test-dev", ae_path="../ae.safetensors")

@@ -266,6 +266,12 @@ def test_lora_variant_folder_is_the_base_plus_its_adapter(runs, tmp_path):
     by_hand = fluxkit.FluxFillPipeline.from_pretrained(tmp_path / "dev", torch_dtype=torch.float32)
     by_hand.load_lora_weights(run / "lora.safetensors")
     np.testing.assert_array_equal(generate(variant, "fill"), generate(by_hand, "fill"))
+    # --name: a run trained under another name ships under the one given, which is also its adapter's name
+    assert fluxkit_main(["train", "--export", str(run), "--out", str(tmp_path / "fill2"), "--base", "../dev",
+                         "--name", "tiny-fill"]) == 0
+    renamed = fluxkit.FluxFillPipeline.from_pretrained(tmp_path / "fill2", torch_dtype=torch.float32)
+    assert renamed.get_active_adapters() == ["tiny-fill"]
+    assert json.loads((tmp_path / "fill2" / "fluxkit.json").read_text())["spec"]["name"] == "tiny-fill"
     with pytest.raises(ValueError, match="no fluxkit.json"):
         export_lora_variant(run, tmp_path / "other", "../nowhere")
     with pytest.raises(ValueError, match="not a finished LoRA-mode variant run"):

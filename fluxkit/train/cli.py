@@ -40,6 +40,8 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", metavar="DIR",
                    help="with --export of a LoRA-mode variant run (fill/canny/kontext): the shipped base model folder "
                         "relative to --out (e.g. ../tiny-dev); --out then holds the LoRA and points at the base files")
+    p.add_argument("--name", help="with --export: the model's spec name (and a LoRA variant's adapter name) in the "
+                                  "folder; default: the preset's name, or a LoRA variant run's config name")
     p.set_defaults(run=run)
 
 
@@ -56,9 +58,9 @@ def run(args: argparse.Namespace) -> int:
         if args.base is not None:
             from .variants import export_lora_variant
 
-            print(f"wrote {export_lora_variant(args.export, args.out, args.base)}")
+            print(f"wrote {export_lora_variant(args.export, args.out, args.base, args.name)}")
         else:
-            print(f"wrote {export_run(args.export, args.out, args.ae_path)}")
+            print(f"wrote {export_run(args.export, args.out, args.ae_path, args.name)}")
         return 0
     if args.config is None:
         raise ValueError("a config file is required (e.g. configs/tiny-base.toml), or --export RUN --out DIR")

@@ -6,7 +6,7 @@ A config names its stage, run, seed and model preset, then one table per concern
     name = "tiny-base"          # run folder under the runs dir
     seed = 0
     [model]   preset = "tiny-base"   (+ optional [model.flux] / [model.ae] field overrides, for test-sized nets)
-    [data]    scenes: seed, n, sizes ([width, height] pairs, as fluxkit.data)
+    [data]    scenes: seed, n, sizes ([width, height] pairs, as fluxkit.data), kinds (the cache's scene mix)
     [optim]   AdamW and the LR schedule
     [train]   steps, batch size, EMA, bf16, checkpoint / sample / plot intervals
     [sample]  what the sample grids show
@@ -25,6 +25,7 @@ import typing
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
+from ..data.scenes import KINDS
 from ..params import ModelSpec, preset
 
 STAGES = ("ae", "cache", "base", "dev", "schnell", "fill", "canny", "kontext")
@@ -42,8 +43,11 @@ class DataConfig:
     seed: int = 0
     n: int = 1_000_000  # scenes to draw from (the ae stage renders on the fly; cache encodes all n)
     sizes: tuple[tuple[int, int], ...] = ((128, 128), (160, 96), (96, 160))  # (width, height)
+    kinds: tuple[str, ...] = KINDS  # scene kinds, drawn uniformly per scene: repeat one to weight it (cache stage)
 
     def __post_init__(self) -> None:
+        if not self.kinds or any(k not in KINDS for k in self.kinds):
+            raise ValueError(f"data.kinds must be a non-empty list from {KINDS}, got {self.kinds!r}")
         if self.n < 1:
             raise ValueError(f"data.n must be >= 1, got {self.n}")
         if not self.sizes or any(len(s) != 2 or s[0] % 16 or s[1] % 16 or min(s) <= 0 for s in self.sizes):
@@ -130,6 +134,8 @@ class CacheOptions:
 @dataclass(frozen=True)
 class FlowOptions:
     cache: str = "tiny-cache"
+    init: str = ""  # base: start from this run's EMA weights (or a model folder) instead of a fresh init, e.g. to
+    # continue a finished base on another cache with its own LR schedule; "" = fresh adaLN-Zero init
     caption_dropout: float = 0.1  # empty-prompt rate: teaches the unconditional velocity classifier-free guidance needs
     logit_mean: float = 0.0  # t = time_shift(mu(L), sigmoid(N(logit_mean, logit_std)))
     logit_std: float = 1.0

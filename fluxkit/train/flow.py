@@ -172,6 +172,10 @@ class BaseTask(FlowTask):
             raise ValueError(f"the base stage trains a model without guidance embedding; preset {cfg.model!r} has one")
         self.opts: FlowOptions = cfg.options
         self.model = self.net = init_flux(self.spec.flux, cfg.seed, cfg.train.gradient_checkpointing)
+        if self.opts.init:
+            from .variants import load_init
+
+            self.model.load_state_dict(load_init(runs_dir, self.opts.init, self.spec.flux, dist.device).state_dict())
 
     def losses(self, net: nn.Module, step: int, gen: torch.Generator) -> dict[str, Tensor]:
         b = draw_batch(self.cache, self.cfg.train.batch_size, gen, self.dist, self.opts.caption_dropout)
@@ -180,9 +184,10 @@ class BaseTask(FlowTask):
         return {"loss": F.mse_loss(pred.float(), target)}
 
 
-def export_run(run_root: Path, out: Path, ae_path: str = "ae.safetensors") -> Path:
+def export_run(run_root: Path, out: Path, ae_path: str = "ae.safetensors", name: str | None = None) -> Path:
     """Copy a finished transformer run's export into `out` (e.g. fluxkit/weights/tiny-dev) with the autoencoder at
-    `ae_path` relative to `out`, so that several shipped models can share one file ("../ae.safetensors").
+    `ae_path` relative to `out`, so that several shipped models can share one file ("../ae.safetensors"), under the
+    spec name `name` (default: the run's, e.g. the preset's "tiny-dev").
 
     An autoencoder already at that path must hold the same tensors (models of one family share it).
     """
@@ -197,6 +202,8 @@ def export_run(run_root: Path, out: Path, ae_path: str = "ae.safetensors") -> Pa
         raise ValueError(f"ae_path must be relative to the output folder, got {ae_path!r}")
     meta = json.loads(meta_file.read_text())
     spec = spec_from_dict(meta["spec"])
+    if name:
+        spec = replace(spec, name=name)
     model = load_flux_transformer(src / meta["transformer"], params=spec.flux)
     ae_src, ae_dst = src / meta["ae"], Path(out) / ae_path
     if ae_dst.is_file():

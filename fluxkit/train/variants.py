@@ -324,11 +324,12 @@ class KontextTask(VariantTask):
 TASKS = {"fill": FillTask, "canny": CannyTask, "kontext": KontextTask}
 
 
-def export_lora_variant(run_root: Path, out: Path, base: str) -> Path:
+def export_lora_variant(run_root: Path, out: Path, base: str, name: str | None = None) -> Path:
     """Ship a finished LoRA-mode variant run as a model folder `out` that reuses the shipped base model's files: its
     fluxkit.json points at the base's transformer and autoencoder (`base` is the base folder relative to `out`, e.g.
     "../tiny-dev") and at the run's lora.safetensors, copied into `out`. Loading the folder gives the base pipeline
-    with the variant's adapter active, as BFL's FLUX.1-Canny-dev-lora on FLUX.1-dev."""
+    with the variant's adapter active, as BFL's FLUX.1-Canny-dev-lora on FLUX.1-dev. `name` (default: the run's
+    config name) is the spec name and so the adapter name."""
     import os
     import shutil
 
@@ -345,7 +346,7 @@ def export_lora_variant(run_root: Path, out: Path, base: str) -> Path:
     base_meta = json.loads(base_meta_file.read_text())
     if base_meta.get("lora"):
         raise ValueError(f"base {base_dir} is itself a LoRA variant; point at the model it was made from")
-    name = json.loads((run_root / "config.json").read_text()).get("name", run_root.name)
+    name = name or json.loads((run_root / "config.json").read_text()).get("name", run_root.name)
     meta = {
         "format": "fluxkit",
         "spec": {**base_meta["spec"], "name": name},
