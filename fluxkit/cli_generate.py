@@ -156,15 +156,7 @@ def run(args) -> int:
         raise ValueError("give either --aspect-ratio or --width/--height, not both")
     if args.megapixels and not args.aspect_ratio:
         raise ValueError("--megapixels needs --aspect-ratio")
-    if args.num_images < 1 or args.batch_size < 1:
-        raise ValueError("--num-images and --batch-size must be >= 1")
-    if args.seed is not None and len(args.seed) > 1 and args.num_images != 1:
-        raise ValueError("give either several --seed values or --num-images, not both")
-    seeds = (
-        args.seed
-        if args.seed and len(args.seed) > 1
-        else [(args.seed[0] if args.seed else secrets.randbelow(2**31)) + k for k in range(args.num_images)]
-    )
+    seeds = _seeds(args)
     jobs = [(p, s) for p in prompts for s in seeds]
     fmt = args.format or (Path(args.output).suffix.lstrip(".").lower() if args.output else "") or "png"
     paths = _output_paths(args, jobs, fmt)
@@ -197,23 +189,7 @@ def run(args) -> int:
             conditioning=conditioning,
         )
         for (prompt, seed), image, path in zip(chunk, out.images, paths[start : start + len(chunk)]):
-            params = {
-                "prompt": prompt,
-                "seed": seed,
-                "model": model_name,
-                "transformer": args.transformer,
-                "quantize": args.quantize,
-                "lora": args.lora,
-                "negative_prompt": args.negative_prompt,
-                "width": width,
-                "height": height,
-                "steps": steps,
-                "guidance": args.guidance,
-                "true_cfg": args.true_cfg or 1.0,
-                "dtype": str(pipe.dtype).split(".")[-1],
-                "fluxkit": _version(),
-                **_conditioning_params(args),
-            }
+            params = _image_params(args, pipe, model_name, prompt, seed, (width, height), steps)
             save_image(image, path, params, fmt)
             if not args.quiet:
                 print(path, file=sys.stderr if bar else sys.stdout)
@@ -222,6 +198,41 @@ def run(args) -> int:
         for path in paths:
             print(path)
     return 0
+
+
+def _image_params(args, pipe, model_name: str, prompt: str, seed: int, size: tuple[int, int], steps: int) -> dict:
+    """What the saved image records of its generation (`--from-image` replays it)."""
+    return {
+        "prompt": prompt,
+        "seed": seed,
+        "model": model_name,
+        "transformer": args.transformer,
+        "quantize": args.quantize,
+        "lora": args.lora,
+        "negative_prompt": args.negative_prompt,
+        "width": size[0],
+        "height": size[1],
+        "steps": steps,
+        "guidance": args.guidance,
+        "true_cfg": args.true_cfg or 1.0,
+        "dtype": str(pipe.dtype).split(".")[-1],
+        "fluxkit": _version(),
+        **_conditioning_params(args),
+    }
+
+
+def _seeds(args) -> list[int]:
+    """The seeds of each prompt: several --seed values, or --num-images consecutive ones from --seed (random if
+    none)."""
+    if args.num_images < 1 or args.batch_size < 1:
+        raise ValueError("--num-images and --batch-size must be >= 1")
+    if args.seed is not None and len(args.seed) > 1 and args.num_images != 1:
+        raise ValueError("give either several --seed values or --num-images, not both")
+    return (
+        args.seed
+        if args.seed and len(args.seed) > 1
+        else [(args.seed[0] if args.seed else secrets.randbelow(2**31)) + k for k in range(args.num_images)]
+    )
 
 
 def _open_image(path, flag: str):

@@ -218,25 +218,7 @@ class FluxPipeline(LoraLoaderMixin):
         model = self.transformer
         dev, dt = self.device, model.dtype
         # 1. Text: positive, and negative for true CFG.
-        if req.prompt_embeds is not None:
-            txt = _repeat(req.prompt_embeds, req.num_images_per_prompt).to(dev, dt)
-            vec = _repeat(req.pooled_prompt_embeds, req.num_images_per_prompt).to(dev, dt)
-        else:
-            txt, vec = self.encode_prompt(
-                req.prompts, req.prompts_2, req.num_images_per_prompt, req.max_sequence_length
-            )
-        neg = None
-        if req.do_true_cfg:
-            if req.negative_prompt_embeds is not None:
-                neg = (
-                    _repeat(req.negative_prompt_embeds, req.num_images_per_prompt).to(dev, dt),
-                    _repeat(req.negative_pooled_prompt_embeds, req.num_images_per_prompt).to(dev, dt),
-                )
-            else:
-                negs = req.negative_prompts or [""] * (txt.shape[0] // req.num_images_per_prompt)
-                neg = self.encode_prompt(
-                    negs, req.negative_prompts_2, req.num_images_per_prompt, req.max_sequence_length
-                )
+        txt, vec, neg = self._embed_text(req)
         batch = txt.shape[0]
 
         # 2. Initial noise, packed, with position ids. Hooks encode their images first: diffusers' img2img and
@@ -286,6 +268,30 @@ class FluxPipeline(LoraLoaderMixin):
         else:
             images = self.decode(sampling.unpack(x, h, w), req.output_type)
         return FluxPipelineOutput(images) if req.return_dict else (images,)
+
+    def _embed_text(self, req: _Request):
+        """(txt [B, L, D], vec [B, D], negative (txt, vec) or None), B = prompts x num_images_per_prompt."""
+        dev, dt = self.device, self.transformer.dtype
+        if req.prompt_embeds is not None:
+            txt = _repeat(req.prompt_embeds, req.num_images_per_prompt).to(dev, dt)
+            vec = _repeat(req.pooled_prompt_embeds, req.num_images_per_prompt).to(dev, dt)
+        else:
+            txt, vec = self.encode_prompt(
+                req.prompts, req.prompts_2, req.num_images_per_prompt, req.max_sequence_length
+            )
+        neg = None
+        if req.do_true_cfg:
+            if req.negative_prompt_embeds is not None:
+                neg = (
+                    _repeat(req.negative_prompt_embeds, req.num_images_per_prompt).to(dev, dt),
+                    _repeat(req.negative_pooled_prompt_embeds, req.num_images_per_prompt).to(dev, dt),
+                )
+            else:
+                negs = req.negative_prompts or [""] * (txt.shape[0] // req.num_images_per_prompt)
+                neg = self.encode_prompt(
+                    negs, req.negative_prompts_2, req.num_images_per_prompt, req.max_sequence_length
+                )
+        return txt, vec, neg
 
     def _velocity_fn(self, txt, vec, txt_ids, img_ids, neg, req: _Request, cond, attn_mask) -> sampling.Velocity:
         model = self.transformer

@@ -70,19 +70,7 @@ class Request:
     def validate(cls, pipe, a: dict) -> Request:
         """Check the arguments of `FluxPipeline.__call__` (given as its locals) against the loaded model."""
         spec = pipe.spec
-        prompts = as_prompt_list(a["prompt"], "prompt")
-        if (prompts is None) == (a["prompt_embeds"] is None):
-            raise ValueError("pass exactly one of prompt or prompt_embeds")
-        if a["prompt_embeds"] is not None and a["pooled_prompt_embeds"] is None:
-            raise ValueError("prompt_embeds needs pooled_prompt_embeds as well")
-        n_prompts = len(prompts) if prompts is not None else a["prompt_embeds"].shape[0]
-        lists = {name: as_prompt_list(a[name], name) for name in ("prompt_2", "negative_prompt", "negative_prompt_2")}
-        for name, value in lists.items():
-            if value is not None and len(value) != n_prompts:
-                if len(value) == 1:
-                    lists[name] = value * n_prompts
-                else:
-                    raise ValueError(f"{name} has {len(value)} entries but there are {n_prompts} prompts")
+        prompts, lists, n_prompts = _check_prompts(a)
         per = _positive_int(a["num_images_per_prompt"], "num_images_per_prompt")
         true_cfg = _number(a["true_cfg_scale"], "true_cfg_scale")
         has_negative = lists["negative_prompt"] is not None or a["negative_prompt_embeds"] is not None
@@ -91,13 +79,7 @@ class Request:
         if a["negative_prompt_embeds"] is not None and a["negative_pooled_prompt_embeds"] is None:
             raise ValueError("negative_prompt_embeds needs negative_pooled_prompt_embeds as well")
 
-        default_h, default_w = spec.default_size
-        height = _positive_int(a["height"] if a["height"] is not None else default_h, "height")
-        width = _positive_int(a["width"] if a["width"] is not None else default_w, "width")
-        multiple = pipe.vae.params.downscale * 2
-        for name, value in (("height", height), ("width", width)):
-            if value % multiple:
-                raise ValueError(f"{name} must be a multiple of {multiple}, got {value}")
+        height, width = _check_size(pipe, a["height"], a["width"])
 
         steps = a["num_inference_steps"]
         sigmas = a["sigmas"]
@@ -153,6 +135,36 @@ class Request:
             a["callback_on_step_end"],
             a["conditioning"],
         )
+
+
+def _check_prompts(a: dict) -> tuple[list[str] | None, dict[str, list[str] | None], int]:
+    """(prompts, the other prompt lists broadcast to one entry per prompt, the number of prompts)."""
+    prompts = as_prompt_list(a["prompt"], "prompt")
+    if (prompts is None) == (a["prompt_embeds"] is None):
+        raise ValueError("pass exactly one of prompt or prompt_embeds")
+    if a["prompt_embeds"] is not None and a["pooled_prompt_embeds"] is None:
+        raise ValueError("prompt_embeds needs pooled_prompt_embeds as well")
+    n_prompts = len(prompts) if prompts is not None else a["prompt_embeds"].shape[0]
+    lists = {name: as_prompt_list(a[name], name) for name in ("prompt_2", "negative_prompt", "negative_prompt_2")}
+    for name, value in lists.items():
+        if value is not None and len(value) != n_prompts:
+            if len(value) == 1:
+                lists[name] = value * n_prompts
+            else:
+                raise ValueError(f"{name} has {len(value)} entries but there are {n_prompts} prompts")
+    return prompts, lists, n_prompts
+
+
+def _check_size(pipe, height, width) -> tuple[int, int]:
+    """(height, width): the model's default size where None; each a multiple of the packed latent's pixel step."""
+    default_h, default_w = pipe.spec.default_size
+    height = _positive_int(height if height is not None else default_h, "height")
+    width = _positive_int(width if width is not None else default_w, "width")
+    multiple = pipe.vae.params.downscale * 2
+    for name, value in (("height", height), ("width", width)):
+        if value % multiple:
+            raise ValueError(f"{name} must be a multiple of {multiple}, got {value}")
+    return height, width
 
 
 def _guidance_schedule(value, default: float, steps: int) -> list[float]:
