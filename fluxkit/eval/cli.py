@@ -9,6 +9,7 @@ fluxkit eval --task control --model runs/tiny-canny --baseline-model fluxkit-tin
 fluxkit eval --task regional --model fluxkit-tiny-dev --baseline-model fluxkit-tiny-dev  # vs the global prompt alone
 fluxkit eval --task edit --ground-truth
 fluxkit eval --task fill --model fluxkit-tiny-fill --adapter-weight 0   # the variant's base, ignoring the condition
+fluxkit eval --compare runs/eval-dev runs/eval-dev-q4   # paired: is B's pass rate different from A's, or noise?
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--baseline-model", help="--task control|regional: a text-to-image model run without the control "
                    "image / the region prompts (global prompt alone)")
+    p.add_argument("--compare", nargs=2, type=Path, metavar=("A", "B"),
+                   help="compare two finished runs (their --out folders or results.json) item by item: pass rates, "
+                        "paired difference B - A with a 95%% interval, McNemar's exact p; generates nothing")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.set_defaults(run=run)
@@ -157,7 +161,17 @@ def run_task(args) -> int:
     return 0
 
 
+def run_compare(args) -> int:
+    from .compare import compare, format_comparison, load_results
+
+    a, b = args.compare
+    print(format_comparison(compare(load_results(a), load_results(b)), str(a), str(b)))
+    return 0
+
+
 def run(args) -> int:
+    if args.compare is not None:
+        return run_compare(args)
     if args.task is not None:
         return run_task(args)
     if args.items is not None or args.baseline_model is not None:

@@ -20,13 +20,15 @@ from PIL import Image
 from fluxkit.atomic import atomic_write, atomic_write_text
 from fluxkit.data.render import render
 from fluxkit.eval.checker import CheckResult, check
+from fluxkit.eval.compare import wilson_interval
 from fluxkit.eval.suite import EvalItem
 
 Generate = Callable[[list[str], list[int]], list[Image.Image]]
 
 
 def summarize(items: Sequence[EvalItem], results: Sequence[CheckResult]) -> dict:
-    """Per category and overall: item pass rate, pass rate of each check, mean OCR character accuracy."""
+    """Per category and overall: item pass rate with its 95% Wilson interval, pass rate of each check, mean OCR
+    character accuracy."""
     groups: dict[str, list[int]] = {}
     for i, item in enumerate(items):
         groups.setdefault(item.category, []).append(i)
@@ -38,9 +40,11 @@ def summarize(items: Sequence[EvalItem], results: Sequence[CheckResult]) -> dict
             for check_name, ok in results[i].checks.items():
                 checks.setdefault(check_name, []).append(ok)
         accuracies = [results[i].char_accuracy for i in idx if results[i].char_accuracy is not None]
+        passed = sum(results[i].passed for i in idx)
         summary[name] = {
             "n": len(idx),
-            "pass_rate": float(np.mean([results[i].passed for i in idx])),
+            "pass_rate": passed / len(idx),
+            "ci95": list(wilson_interval(passed, len(idx))),
             "checks": {c: float(np.mean(v)) for c, v in sorted(checks.items())},
             "char_accuracy": float(np.mean(accuracies)) if accuracies else None,
         }
@@ -48,11 +52,12 @@ def summarize(items: Sequence[EvalItem], results: Sequence[CheckResult]) -> dict
 
 
 def format_table(summary: dict) -> str:
-    lines = [f"{'category':<12} {'n':>4} {'pass':>6} {'chars':>6}  checks"]
+    lines = [f"{'category':<12} {'n':>4} {'pass':>6} {'95% interval':>13} {'chars':>6}  checks"]
     for name, row in summary.items():
         chars = "" if row["char_accuracy"] is None else f"{row['char_accuracy']:6.1%}"
         checks = " ".join(f"{c}={v:.0%}" for c, v in row["checks"].items())
-        lines.append(f"{name:<12} {row['n']:>4} {row['pass_rate']:6.1%} {chars:>6}  {checks}")
+        interval = "{:.1%}-{:.1%}".format(*row["ci95"])
+        lines.append(f"{name:<12} {row['n']:>4} {row['pass_rate']:6.1%} {interval:>13} {chars:>6}  {checks}")
     return "\n".join(lines)
 
 
