@@ -2,9 +2,9 @@
 
 `fluxkit eval --compare A B` matches the items of two runs by id (the same prompt, seed and size: the suite and the
 task items are deterministic) and reports, per category and overall, both pass rates, the paired difference B - A
-with a 95% interval, the discordant counts and McNemar's exact p-value. On ~300 suite items one pass rate's 95%
-interval spans 8.3-15.5% at 11.4% (34 of 298), so a 1-point change between two models is not a finding; pairing the items
-removes the variance they share (the same hard prompts fail for both) and gives the tighter test.
+with a 95% interval, the discordant counts and McNemar's exact p-value. On the 298-item suite one pass rate's 95%
+interval spans 8.3-15.5% at 11.4% (34 of 298), so a 1-point change between two models is not a finding; pairing the
+items removes the variance they share (the same hard prompts fail for both) and gives the tighter test.
 """
 
 from __future__ import annotations
