@@ -85,3 +85,19 @@ def test_suite_summary_carries_a_wilson_interval_per_row():
     assert summary["overall"]["ci95"] == pytest.approx(list(wilson_interval(passed, len(suite))))
     assert all(row["ci95"][0] <= row["pass_rate"] <= row["ci95"][1] for row in summary.values())
     assert "95% interval" in format_table(summary).splitlines()[0]
+
+
+def test_summary_counts_the_items_that_fail_one_check_only():
+    suite = build_suite(quick=True, seeds=(0,))[:6]
+    results = [
+        CheckResult({"colour": True, "shape": False}),
+        CheckResult({"colour": True, "shape": False}),
+        CheckResult({"colour": False, "shape": False}),  # two failures: counted nowhere
+        CheckResult({"colour": False, "shape": True}),
+        CheckResult({"text": False}),
+        CheckResult({"colour": True, "shape": True}),
+    ]
+    summary = summarize(suite, results)
+    assert summary["overall"]["fails_only_on"] == {"shape": 2, "colour": 1, "text": 1}
+    assert list(summary["overall"]["fails_only_on"]) == ["shape", "colour", "text"]  # most first, then by name
+    assert format_table(summary).splitlines()[-1] == "failing one check only: shape 2, colour 1, text 1"

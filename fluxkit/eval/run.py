@@ -48,7 +48,18 @@ def summarize(items: Sequence[EvalItem], results: Sequence[CheckResult]) -> dict
             "checks": {c: float(np.mean(v)) for c, v in sorted(checks.items())},
             "char_accuracy": float(np.mean(accuracies)) if accuracies else None,
         }
+    summary["overall"]["fails_only_on"] = sole_failures(results)
     return summary
+
+
+def sole_failures(results: Sequence[CheckResult]) -> dict[str, int]:
+    """{check: items failing that check and no other}, most first: what fixing one ability alone would gain."""
+    counts: dict[str, int] = {}
+    for r in results:
+        failed = [name for name, ok in r.checks.items() if not ok]
+        if len(failed) == 1:
+            counts[failed[0]] = counts.get(failed[0], 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def format_table(summary: dict) -> str:
@@ -58,6 +69,9 @@ def format_table(summary: dict) -> str:
         checks = " ".join(f"{c}={v:.0%}" for c, v in row["checks"].items())
         interval = "{:.1%}-{:.1%}".format(*row["ci95"])
         lines.append(f"{name:<12} {row['n']:>4} {row['pass_rate']:6.1%} {interval:>13} {chars:>6}  {checks}")
+    sole = summary.get("overall", {}).get("fails_only_on")
+    if sole:
+        lines.append("failing one check only: " + ", ".join(f"{c} {n}" for c, n in sole.items()))
     return "\n".join(lines)
 
 
