@@ -237,6 +237,27 @@ def test_ae_run_adopted_from_weights_feeds_the_cache(runs, tmp_path):
     assert not (tmp_path / "other").exists()  # nothing half-written
 
 
+def test_ae_fine_tune_starts_from_init_and_adds_the_scale_equivariance_term(runs, tmp_path):
+    from fluxkit.train.ae import AETask
+
+    trained = load_file(runs / "test-ae" / "ae.safetensors")
+    for init in ("test-ae", str(runs / "test-ae" / "ae.safetensors")):  # a run name, or a weights file
+        cfg = config("ae", "name=ae-se", f"ae.init={init}", "ae.scale_equivariance_weight=2.0")
+        task = AETask(cfg, Dist(), runs)
+        assert all(torch.equal(v, trained[k]) for k, v in task.model.state_dict().items())
+    terms = task.losses(task.net, 0, step_generator(0, "ae", 0, 0))
+    assert terms["scale_eq"] > 0
+    rest = terms["l1"] + terms["mse"] + 0.5 * terms["edge"] + 1e-4 * terms["kl"]  # configs/test-ae.toml's weights
+    assert terms["loss"].item() == pytest.approx((rest + 2.0 * terms["scale_eq"]).item(), rel=1e-5)
+    plain = AETask(config("ae"), Dist(), runs).losses(task.net, 0, step_generator(0, "ae", 0, 0))
+    assert "scale_eq" not in plain  # weight 0: the half-size decode is not even run
+    with pytest.raises(ValueError, match="ae.init run 'nope' not found"):
+        AETask(config("ae", "ae.init=nope"), Dist(), runs)
+    save_file({"decoder.conv_in.weight": torch.zeros(1)}, tmp_path / "wrong.safetensors")
+    with pytest.raises(ValueError, match="does not fit the config's autoencoder"):
+        AETask(config("ae", f"ae.init={tmp_path / 'wrong.safetensors'}"), Dist(), runs)
+
+
 def test_config_errors_name_the_key():
     with pytest.raises(ValueError, match=r"\[train\] has unknown keys \['stepz'\]"):
         config("base", "train.stepz=3")

@@ -27,7 +27,7 @@ from ..autoencoder import AutoEncoder
 from ..data import SceneDataset
 from ..params import AutoEncoderParams
 from .config import AEOptions, TrainConfig
-from .loop import Dist, RunFolder
+from .loop import Dist, RunFolder, resolve_run
 from .report import save_grid, to_uint8
 
 AE_FILE, AE_META = "ae.safetensors", "ae.json"
@@ -40,10 +40,11 @@ class AEForward(nn.Module):
         super().__init__()
         self.ae = ae
 
-    def forward(self, x: Tensor, eps: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, x: Tensor, eps: Tensor, pooled: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         mean, logvar = self.ae.encode_moments(x)  # [B, z, h, w] each, unscaled
         z = mean + torch.exp(0.5 * logvar) * eps  # reparameterised posterior sample
-        return self.ae.decoder(z), mean, logvar  # reconstruction [B, 3, H, W]
+        small = self.ae.decoder(F.avg_pool2d(z, 2)) if pooled else None  # [B, 3, H/2, W/2]
+        return self.ae.decoder(z), mean, logvar, small  # reconstruction [B, 3, H, W]
 
 
 def images_to_tensor(images: list[np.ndarray]) -> Tensor:
@@ -59,12 +60,14 @@ def gradient_l1(a: Tensor, b: Tensor) -> Tensor:
 
 
 class AETask:
-    def __init__(self, cfg: TrainConfig, dist: Dist):
+    def __init__(self, cfg: TrainConfig, dist: Dist, runs_dir: Path | None = None):
         self.cfg, self.dist = cfg, dist
         self.opts: AEOptions = cfg.options
         self.params = cfg.spec().ae
         torch.manual_seed(cfg.seed)
         self.model = AutoEncoder(self.params)
+        if self.opts.init:
+            load_init_ae(self.model, self.opts.init, runs_dir)
         self.net = AEForward(self.model)
         # One dataset per size: a batch must share a size, and SceneDataset picks the size inside each item.
         self.datasets = [SceneDataset(cfg.data.seed + k, cfg.data.n, sizes=(size,))
@@ -91,14 +94,19 @@ class AETask:
         x = self.batch(step, gen)  # [B, 3, H, W]
         f = self.params.downscale
         eps = torch.randn(x.shape[0], self.params.z_channels, x.shape[2] // f, x.shape[3] // f, generator=gen)
-        rec, mean, logvar = net(x, eps.to(x.device))
+        o = self.opts
+        rec, mean, logvar, small = net(x, eps.to(x.device), o.scale_equivariance_weight > 0)
         rec = rec.float()
         mean, logvar = mean.float(), logvar.float()
         l1, mse, edge = (rec - x).abs().mean(), F.mse_loss(rec, x), gradient_l1(rec, x)
         kl = 0.5 * (mean.square() + logvar.exp() - 1 - logvar).mean()  # KL(N(mean, var) || N(0, 1)) per element
-        o = self.opts
         loss = o.l1_weight * l1 + o.mse_weight * mse + o.edge_weight * edge + o.kl_weight * kl
-        return {"loss": loss, "l1": l1, "mse": mse, "edge": edge, "kl": kl}
+        out = {"l1": l1, "mse": mse, "edge": edge, "kl": kl}
+        if small is not None:
+            target = F.avg_pool2d(x, 2)  # [B, 3, H/2, W/2]
+            out["scale_eq"] = (small.float() - target).abs().mean() + F.mse_loss(small.float(), target)
+            loss = loss + o.scale_equivariance_weight * out["scale_eq"]
+        return {"loss": loss, **out}
 
     @torch.no_grad()
     def samples(self, ema: nn.Module, path: Path) -> None:
@@ -122,6 +130,21 @@ def describe_ae(ae: AutoEncoder, cfg: TrainConfig, root: Path, device: torch.dev
     psnr = reconstruction_psnr(ae, cfg.data.sizes, opts.eval_scenes, opts.eval_seed, device)
     atomic_write_text(root / AE_META, json.dumps({"params": dataclasses.asdict(params), **psnr}, indent=2))
     return {"scale_factor": scale, "shift_factor": shift, **psnr}
+
+
+def load_init_ae(ae: AutoEncoder, ref: str, runs_dir: Path | None) -> None:
+    """Load the weights to fine-tune from: an ae run (its name under runs_dir, or a path) or a .safetensors file."""
+    path = Path(ref).expanduser()
+    if path.suffix != ".safetensors":
+        if runs_dir is None:
+            raise ValueError(f"ae.init {ref!r} names a run, but no runs dir was given")
+        path = resolve_run(Path(runs_dir), ref, "ae.init") / AE_FILE
+    if not path.is_file():
+        raise ValueError(f"ae.init: no autoencoder weights at {path}")
+    try:
+        ae.load_state_dict(load_file(path), strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"ae.init {path} does not fit the config's autoencoder: {e}") from None
 
 
 def adopt_ae(cfg: TrainConfig, weights: Path, runs_dir: Path, dist: Dist) -> RunFolder:

@@ -113,6 +113,11 @@ class AEOptions:
     mse_weight: float = 1.0
     edge_weight: float = 0.5  # L1 on finite differences: keeps letter strokes and shape edges sharp
     kl_weight: float = 1e-4  # on the mean KL per latent element: keeps latents near N(0, 1) without blurring
+    # Scale equivariance (Skorokhodov et al. 2025, "Improving the Diffusability of Autoencoders"): the decoder must turn
+    # the 2x average-pooled latent into the 2x average-pooled image (L1 + MSE, this weight). It keeps the latent's low
+    # frequencies image-like, so an error spread over a token decodes to a blur, not to another colour or shape.
+    scale_equivariance_weight: float = 0.0
+    init: str = ""  # fine-tune: start from this ae run (name or path) or autoencoder .safetensors file
     crop: int = 0  # train on random crop x crop windows (0: whole images); the conv AE is ~4x cheaper on 64-px crops
     stats_scenes: int = 512  # scenes whose latents give shift_factor / scale_factor
     eval_scenes: int = 256  # held-out scenes (another seed, held-out pairs included) for the PSNR report

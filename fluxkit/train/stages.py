@@ -57,7 +57,7 @@ def run_stage(cfg: TrainConfig, runs_dir: str | Path, *, resume: bool = False, m
     if cfg.stage == "cache":
         return StageResult(build_cache(cfg, run, dist, runs_dir, max_minutes=max_minutes, quiet=quiet), run)
     if cfg.stage == "ae":
-        task = AETask(cfg, dist)
+        task = AETask(cfg, dist, runs_dir)
     elif cfg.stage == "base":
         task = BaseTask(cfg, dist, runs_dir)
     elif cfg.stage == "dev":

@@ -1,0 +1,203 @@
+"""Why a tiny model fails the suite: two measured diagnostics (issue 3).
+
+    python -m benchmarks.diagnose_tiny words --model fluxkit-tiny-dev        # how much each attribute word is used
+    python -m benchmarks.diagnose_tiny latents --model fluxkit-tiny-dev      # what latent errors do to the decode
+    python -m benchmarks.diagnose_tiny denoise --model runs/tiny-base/export # one-step denoising, in checker terms
+
+`words`: on single-object scenes at 128x128, the flow loss of the model's velocity against the true target
+(noise - x0) with the scene's own caption, and with the caption's shape word (then colour word) swapped for another
+one. The loss is taken at fixed t over the same noise, so the rise in loss is how much the model relies on that word
+at that noise level: a word it ignores costs nothing when it is wrong.
+
+`latents`: the checker (`fluxkit eval`'s) on true renders encoded and decoded by the model's autoencoder, with the
+latent left as it is or perturbed: white noise, a 3x3 blur, or each 2x2 token patch replaced by its mean (what a
+transformer that gets a token's average right but not its inner detail would produce). It tells how exact the
+transformer's output has to be for the decoder to draw the right colour and shape.
+
+`denoise`: the same scenes noised to each --times t, the model's one-step estimate x0 = x_t - t v decoded and
+scored by the checker. Unlike the flow loss, this is comparable between models on different autoencoders, and it
+moves early in training, before sampled images pass the suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+SHAPES = ("circle", "square", "triangle", "star")
+COLOURS = ("red", "green", "blue", "yellow", "orange", "purple", "pink")
+
+
+def swap_word(caption: str, words: tuple[str, ...], rng: random.Random) -> str | None:
+    """The caption with its first word from `words` replaced by another one of them, or None if it has none."""
+    for word in words:
+        if re.search(rf"\b{word}\b", caption):
+            return re.sub(rf"\b{word}\b", rng.choice([w for w in words if w != word]), caption, count=1)
+    return None
+
+
+def _images(samples) -> Tensor:
+    return torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+@torch.no_grad()
+def word_losses(pipe, n: int, times: tuple[float, ...], repeats: int, seed: int) -> dict[float, dict[str, float]]:
+    """{t: {"right" | "shape swapped" | "colour swapped": mean flow loss}} over n single-object scenes."""
+    from fluxkit import sampling
+    from fluxkit.data import SceneDataset
+    from fluxkit.train.flow import position_ids
+
+    data = SceneDataset(seed, 8 * n, sizes=((128, 128),), kinds=("single",))
+    rng, picked = random.Random(seed), []
+    for i in range(len(data)):
+        sample = data[i]
+        shape, colour = swap_word(sample.caption, SHAPES, rng), swap_word(sample.caption, COLOURS, rng)
+        if shape and colour:
+            picked.append((sample, {"right": sample.caption, "shape swapped": shape, "colour swapped": colour}))
+        if len(picked) == n:
+            break
+    model = pipe.transformer
+    x0 = sampling.pack(pipe.vae.encode(_images([s for s, _ in picked])))  # [n, L, 64]
+    length = pipe.spec.max_sequence_length
+    img_ids, txt_ids = position_ids(n, 16, 16, length, "cpu")
+    embedded = {k: pipe.encode_prompt([c[k] for _, c in picked], None, max_sequence_length=length)
+                for k in picked[0][1]}
+    guidance = torch.full((n,), pipe.spec.default_guidance) if model.params.guidance_embed else None
+    out = {}
+    for t in times:
+        losses = {k: [] for k in embedded}
+        for r in range(repeats):
+            noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed + r))
+            x_t = (1 - t) * x0 + t * noise
+            for k, (txt, vec) in embedded.items():
+                v = model(x_t, img_ids, txt, txt_ids, torch.full((n,), t), vec, guidance)
+                losses[k].append(float(((v.float() - (noise - x0)) ** 2).mean()))
+        out[t] = {k: float(np.mean(v)) for k, v in losses.items()}
+    return out
+
+
+def token_mean(z: Tensor) -> Tensor:
+    """Each 2x2 patch (one transformer token) replaced by its per-channel mean."""
+    return F.interpolate(F.avg_pool2d(z, 2), scale_factor=2, mode="nearest")
+
+
+def blur3(z: Tensor) -> Tensor:
+    """A [1 2 1] x [1 2 1] / 16 blur per channel (edges replicated)."""
+    k = torch.tensor([1.0, 2.0, 1.0])
+    kernel = (k[:, None] * k[None, :] / 16).expand(z.shape[1], 1, 3, 3)
+    return F.conv2d(F.pad(z, (1, 1, 1, 1), mode="replicate"), kernel, groups=z.shape[1])
+
+
+@torch.no_grad()
+def latent_checks(pipe, n: int, noise: float, seed: int) -> dict[str, dict[str, float]]:
+    """{perturbation: {"pass": rate, check: rate}} of the checker on n single-object scenes decoded after it."""
+    from fluxkit.data import SceneDataset
+    from fluxkit.eval.checker import check
+
+    data = SceneDataset(seed, n, sizes=((128, 128),), kinds=("single",))
+    samples = [data[i] for i in range(n)]
+    z = pipe.vae.encode(_images(samples))
+    gen = torch.Generator().manual_seed(seed)
+    perturbations: dict[str, Callable[[Tensor], Tensor]] = {
+        "none": lambda z: z,
+        f"white noise, std {noise:g}": lambda z: z + noise * torch.randn(z.shape, generator=gen),
+        "3x3 blur": blur3,
+        "2x2 token mean": token_mean,
+    }
+    out = {}
+    for name, perturb in perturbations.items():
+        decoded = ((pipe.vae.decode(perturb(z)).clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+        results = [check(image, s.scene) for image, s in zip(decoded, samples)]
+        names = sorted({c for r in results for c in r.checks})
+        out[name] = {"pass": float(np.mean([r.passed for r in results])),
+                     **{c: float(np.mean([r.checks[c] for r in results if c in r.checks])) for c in names}}
+    return out
+
+
+@torch.no_grad()
+def denoise_checks(pipe, n: int, times: tuple[float, ...], seed: int) -> dict[float, dict[str, float]]:
+    """{t: {"pass": rate, check: rate}}: the checker on decoded one-step x0 estimates of n single-object scenes."""
+    from fluxkit import sampling
+    from fluxkit.data import SceneDataset
+    from fluxkit.eval.checker import check
+    from fluxkit.train.flow import position_ids
+
+    data = SceneDataset(seed, n, sizes=((128, 128),), kinds=("single",))
+    samples = [data[i] for i in range(n)]
+    model = pipe.transformer
+    z = pipe.vae.encode(_images(samples))  # [n, 16, 16, 16]
+    x0 = sampling.pack(z)
+    txt, vec = pipe.encode_prompt([s.caption for s in samples], None,
+                                  max_sequence_length=pipe.spec.max_sequence_length)
+    img_ids, txt_ids = position_ids(n, *z.shape[-2:], txt.shape[1], "cpu")
+    guidance = torch.full((n,), pipe.spec.default_guidance) if model.params.guidance_embed else None
+    out = {}
+    for t in times:
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+        x_t = (1 - t) * x0 + t * noise
+        v = model(x_t, img_ids, txt, txt_ids, torch.full((n,), t), vec, guidance).float()
+        decoded = pipe.vae.decode(sampling.unpack(x_t - t * v, *z.shape[-2:]))
+        images = ((decoded.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+        results = [check(image, s.scene) for image, s in zip(images, samples)]
+        names = sorted({c for r in results for c in r.checks})
+        out[t] = {"pass": float(np.mean([r.passed for r in results])),
+                  **{c: float(np.mean([r.checks[c] for r in results if c in r.checks])) for c in names}}
+    return out
+
+
+def _print_rates(label: str, rows: dict) -> None:
+    checks = [c for c in next(iter(rows.values())) if c != "pass"]
+    print(f"{label:<22} {'pass':>6} " + " ".join(f"{c:>9}" for c in checks))
+    for name, row in rows.items():
+        print(f"{str(name):<22} {row['pass']:6.0%} " + " ".join(f"{row[c]:9.0%}" for c in checks))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("diagnostic", choices=("words", "latents", "denoise"))
+    p.add_argument("--model", default="fluxkit-tiny-dev", help="built-in name or folder (a tiny-family model)")
+    p.add_argument("--scenes", type=int, default=48, help="single-object scenes")
+    p.add_argument("--times", type=float, nargs="+", default=[0.5, 0.7, 0.85, 0.95],
+                   help="words, denoise: noise levels t")
+    p.add_argument("--repeats", type=int, default=2, help="words: noise draws per t")
+    p.add_argument("--noise", type=float, default=0.2, help="latents: std of the white-noise perturbation")
+    p.add_argument("--ae", type=Path, help="latents: autoencoder weights replacing the model's own (e.g. an ae run "
+                   "checkpoint's ema.safetensors; the model's scale and shift are kept)")
+    p.add_argument("--seed", type=int, default=11, help="scene seed (the training caches use 0 and 2)")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    from fluxkit import FluxPipeline
+
+    torch.set_num_threads(args.threads)
+    pipe = FluxPipeline.from_pretrained(args.model, torch_dtype=torch.float32, device="cpu")
+    if pipe.spec.text_encoder != "minilm":
+        raise SystemExit(f"{args.model} is not a tiny-family model (text encoder {pipe.spec.text_encoder!r})")
+    if args.ae is not None:
+        from safetensors.torch import load_file
+
+        pipe.vae.load_state_dict(load_file(args.ae), strict=True)
+    print(f"model {args.model}, {args.scenes} single-object scenes (seed {args.seed}), 128x128")
+    if args.diagnostic == "words":
+        print(f"{'t':>5} {'right':>8} {'shape swapped':>15} {'colour swapped':>15}")
+        for t, row in word_losses(pipe, args.scenes, tuple(args.times), args.repeats, args.seed).items():
+            right = row["right"]
+            cells = [f"{row[k]:.4f} ({row[k] / right - 1:+.0%})" for k in ("shape swapped", "colour swapped")]
+            print(f"{t:5.2f} {right:8.4f} {cells[0]:>15} {cells[1]:>15}")
+    elif args.diagnostic == "latents":
+        _print_rates("latent", latent_checks(pipe, args.scenes, args.noise, args.seed))
+    else:
+        _print_rates("t", denoise_checks(pipe, args.scenes, tuple(args.times), args.seed))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
