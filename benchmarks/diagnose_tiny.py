@@ -34,15 +34,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 SHAPES = ("circle", "square", "triangle", "star")
-COLOURS = ("red", "green", "blue", "yellow", "orange", "purple", "pink")
+COLOURS = ("red", "green", "blue", "yellow", "orange", "purple", "pink", "white", "black")
 
 
-def swap_word(caption: str, words: tuple[str, ...], rng: random.Random) -> str | None:
-    """The caption with its first word from `words` replaced by another one of them, or None if it has none."""
-    for word in words:
-        if re.search(rf"\b{word}\b", caption):
-            return re.sub(rf"\b{word}\b", rng.choice([w for w in words if w != word]), caption, count=1)
-    return None
+def swap_word(caption: str, word: str, words: tuple[str, ...], rng: random.Random) -> str | None:
+    """The caption with `word` (the object's shape or colour; not a "light ..." background tint) replaced by another
+    of `words`, or None if the caption does not name it."""
+    pattern = rf"(?<!light )\b{word}\b"
+    if not re.search(pattern, caption):
+        return None
+    return re.sub(pattern, rng.choice([w for w in words if w != word]), caption, count=1)
 
 
 def _images(samples) -> Tensor:
@@ -60,7 +61,9 @@ def word_losses(pipe, n: int, times: tuple[float, ...], repeats: int, seed: int)
     rng, picked = random.Random(seed), []
     for i in range(len(data)):
         sample = data[i]
-        shape, colour = swap_word(sample.caption, SHAPES, rng), swap_word(sample.caption, COLOURS, rng)
+        obj = sample.scene.objects[0]
+        shape = swap_word(sample.caption, obj.shape, SHAPES, rng)
+        colour = swap_word(sample.caption, obj.colour, COLOURS, rng)
         if shape and colour:
             picked.append((sample, {"right": sample.caption, "shape swapped": shape, "colour swapped": colour}))
         if len(picked) == n:

@@ -167,3 +167,32 @@ def test_full_size_random_file_loads_memory_mapped(tmp_path):
     mtime = path.stat().st_mtime_ns
     full_size.write_random_safetensors(path, params, 0.02, 0)  # same header: reused, not rewritten
     assert path.stat().st_mtime_ns == mtime
+
+
+def test_diagnose_tiny_swaps_the_object_word_and_perturbs_latents_as_documented():
+    import random
+
+    from benchmarks.diagnose_tiny import COLOURS, SHAPES, blur3, swap_word, token_mean
+
+    rng = random.Random(0)
+    swapped = swap_word("a green star on light green", "green", COLOURS, rng)
+    assert swapped.endswith("star on light green") and not swapped.startswith("a green")  # the tint stays
+    assert swap_word("a red circle", "square", SHAPES, rng) is None
+    z = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    pooled = token_mean(z)
+    assert torch.allclose(token_mean(pooled), pooled)  # constant on each 2x2 token already
+    assert torch.allclose(pooled[..., ::2, ::2], torch.nn.functional.avg_pool2d(z, 2))
+    assert torch.allclose(blur3(torch.full((1, 16, 6, 6), 3.0)), torch.full((1, 16, 6, 6), 3.0))
+    assert not torch.allclose(blur3(z), z)
+
+
+def test_diagnose_tiny_denoise_recovers_nearly_clean_scenes_and_not_pure_noise():
+    from benchmarks.diagnose_tiny import denoise_checks
+    from fluxkit import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained("fluxkit-tiny-dev", torch_dtype=torch.float32, device="cpu")
+    torch.set_num_threads(1)
+    rows = denoise_checks(pipe, 8, (0.02, 1.0), seed=11)
+    assert set(rows[0.02]) >= {"pass", "colour", "shape"}
+    assert rows[0.02]["pass"] >= 0.75  # x_t is almost x0: the estimate decodes to the scene
+    assert rows[1.0]["shape"] < rows[0.02]["shape"]  # from pure noise, the estimate is a blurred average
