@@ -3,6 +3,8 @@
 Loss per batch (one image size per batch, sizes drawn per step): L1 + MSE + an L1 on image gradients (sharp letter
 strokes and shape edges) on the reconstruction of a posterior sample, plus a small KL(q(z|x) || N(0, 1)) so the
 latents stay bounded and smooth, as the LDM/FLUX autoencoders are trained (without their GAN and LPIPS terms).
+Optional: a scale-equivariance term (the decoder maps the 2x-pooled latent to the 2x-pooled image) and `ae.init`, to
+fine-tune an existing autoencoder with it.
 At the end: shift_factor = mean, scale_factor = 1/std of the posterior means over `stats_scenes` scenes, so that
 z = scale * (latent - shift) has unit variance for the transformer; PSNR on held-out scenes by size and kind.
 """
