@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fluxkit.train.ae import images_to_tensor  # uint8 renders -> [B, 3, H, W] in [-1, 1]
+
 SHAPES = ("circle", "square", "triangle", "star")
 COLOURS = ("red", "green", "blue", "yellow", "orange", "purple", "pink", "white", "black")
 
@@ -44,10 +46,6 @@ def swap_word(caption: str, word: str, words: tuple[str, ...], rng: random.Rando
     if not re.search(pattern, caption):
         return None
     return re.sub(pattern, rng.choice([w for w in words if w != word]), caption, count=1)
-
-
-def _images(samples) -> Tensor:
-    return torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 @torch.no_grad()
@@ -69,7 +67,7 @@ def word_losses(pipe, n: int, times: tuple[float, ...], repeats: int, seed: int)
         if len(picked) == n:
             break
     model = pipe.transformer
-    x0 = sampling.pack(pipe.vae.encode(_images([s for s, _ in picked])))  # [n, L, 64]
+    x0 = sampling.pack(pipe.vae.encode(images_to_tensor([s.image for s, _ in picked])))  # [n, L, 64]
     length = pipe.spec.max_sequence_length
     img_ids, txt_ids = position_ids(n, 16, 16, length, "cpu")
     embedded = {k: pipe.encode_prompt([c[k] for _, c in picked], None, max_sequence_length=length)
@@ -108,7 +106,7 @@ def latent_checks(pipe, n: int, noise: float, seed: int) -> dict[str, dict[str, 
 
     data = SceneDataset(seed, n, sizes=((128, 128),), kinds=("single",))
     samples = [data[i] for i in range(n)]
-    z = pipe.vae.encode(_images(samples))
+    z = pipe.vae.encode(images_to_tensor([s.image for s in samples]))
     gen = torch.Generator().manual_seed(seed)
     perturbations: dict[str, Callable[[Tensor], Tensor]] = {
         "none": lambda z: z,
@@ -137,7 +135,7 @@ def denoise_checks(pipe, n: int, times: tuple[float, ...], seed: int) -> dict[fl
     data = SceneDataset(seed, n, sizes=((128, 128),), kinds=("single",))
     samples = [data[i] for i in range(n)]
     model = pipe.transformer
-    z = pipe.vae.encode(_images(samples))  # [n, 16, 16, 16]
+    z = pipe.vae.encode(images_to_tensor([s.image for s in samples]))  # [n, 16, 16, 16]
     x0 = sampling.pack(z)
     txt, vec = pipe.encode_prompt([s.caption for s in samples], None,
                                   max_sequence_length=pipe.spec.max_sequence_length)
