@@ -75,6 +75,8 @@ def test_cli_compare_prints_the_paired_table_and_rejects_a_missing_run(tmp_path,
     assert "33.3%" in overall and "100.0%" in overall and "+66.7p" in overall
     assert main(["eval", "--compare", str(a), str(tmp_path / "nope")]) == 2
     assert "no evaluation results" in capsys.readouterr().err
+    assert main(["eval", "--compare", str(a), str(b), "--model", "fluxkit-tiny-dev"]) == 2
+    assert "takes no --model" in capsys.readouterr().err
 
 
 def test_suite_summary_carries_a_wilson_interval_per_row():

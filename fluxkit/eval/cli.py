@@ -164,6 +164,12 @@ def run_task(args) -> int:
 def run_compare(args) -> int:
     from .compare import compare, format_comparison, load_results
 
+    options = ("model", "transformer", "task", "quantize", "cache", "out", "steps", "guidance", "items",
+               "baseline_model")
+    given = [f"--{k.replace('_', '-')}" for k in options if getattr(args, k) is not None]
+    given += [f"--{k.replace('_', '-')}" for k in ("ground_truth", "through_ae", "quick") if getattr(args, k)]
+    if given:
+        raise ValueError(f"--compare reads two finished runs and generates nothing; it takes no {', '.join(given)}")
     a, b = args.compare
     print(format_comparison(compare(load_results(a), load_results(b)), str(a), str(b)))
     return 0
