@@ -2,15 +2,16 @@
 
     .venv/bin/python -m benchmarks.lora_concept --out runs/lora-concept            # fluxkit-tiny-dev by default
 
-1. Data: `--images` pictures of a shape the tiny family never saw (a ring, or a plus-shaped cross), named by a rare
-   token ("a red sks shape in the top left corner"), drawn in the scene generator's style: its colours, backgrounds,
-   sizes and positions (placement by `make_object`), 4x supersampled edges; plus `--regular-images` ordinary scenes
-   of the generator with their captions (prior preservation).
+1. Data: `--images` pictures of something the tiny family never saw, named by a rare token, drawn in the scene
+   generator's style (its colours and backgrounds): a shape (a ring, or a plus-shaped cross: "a red sks shape in the
+   top left corner", at the generator's sizes and positions, placed by `make_object`, 4x supersampled edges) or a
+   frame along the picture's edges ("a red sks frame on a white background"); plus `--regular-images` ordinary
+   scenes of the generator with their captions (prior preservation).
 2. Training: the `fluxkit train-lora` command itself, run in-process; its wall time (model load and caching
    included) is the number compared with the 10-minute budget.
 3. Concept: held-out prompts with the token (other phrasings, colours and places), generated with and without the
-   LoRA; `find_concept` looks for the shape among the colour-segmented blobs of `fluxkit.eval.checker`, by template
-   matching against the generator's four shapes and the concept.
+   LoRA; `find_concept` looks for a shape among the colour-segmented blobs of `fluxkit.eval.checker`, by template
+   matching against the generator's four shapes and the concept, and for a frame in the band along the edges.
 4. Prompt following: the standard `fluxkit eval` suite, with and without the LoRA.
 Writes report.json, report.md and image grids to --out, and prints the table; the exit status is 0 when every
 target is met. Re-running with the same --out continues the same training run (finished: nothing to train) and
@@ -51,10 +52,13 @@ from fluxkit.data.scenes import (
 )
 from fluxkit.eval.checker import MIN_AREA_FRACTION, PALETTE_NAMES, nearest_colours, segment
 
-CONCEPTS = ("ring", "cross")
+CONCEPTS = ("ring", "cross", "frame")
 KNOWN_SHAPES = ("circle", "square", "triangle", "star")  # what the tiny family was trained on
 RING_HOLE = 0.5  # inner / outer diameter
 CROSS_ARM = 1 / 3  # arm width / extent
+FRAME_WIDTH = 1 / 8  # a frame's band / the image's shorter side: one 16-px token at 128 px
+FRAME_MIN_SHARE = 0.7  # a frame covers at least this share of its band in one colour ...
+FRAME_MAX_INSIDE = 0.3  # ... and at most this share of the band just inside it
 TEMPLATE = 24  # blobs and templates are compared at TEMPLATE x TEMPLATE
 MIN_IOU = 0.6  # a blob is the concept when the concept is its best template and matches at least this well
 MAX_ASPECT = 1.5  # rings and crosses have square bounding boxes; blurred ones stay within this ratio
@@ -63,7 +67,10 @@ TEMPLATES = ("{obj}{pos}{bg}", "there is {obj}{pos}{bg}", "an image of {obj}{pos
 
 # ------------------------------------------------------------------------------------------------ drawing
 def concept_alpha(concept: str, centre: tuple[float, float], extent: float, width: int, height: int) -> np.ndarray:
-    """Anti-aliased coverage (H, W) float32 in [0, 1] of the concept with bbox side `extent` at `centre`."""
+    """Anti-aliased coverage (H, W) float32 in [0, 1] of the concept with bbox side `extent` at `centre`; a frame
+    borders the whole picture and ignores both."""
+    if concept == "frame":
+        return frame_band(width, height).astype(np.float32)
     s = SUPERSAMPLE
     canvas = Image.new("L", (width * s, height * s), 0)
     draw = ImageDraw.Draw(canvas)
@@ -81,6 +88,16 @@ def concept_alpha(concept: str, centre: tuple[float, float], extent: float, widt
     return np.asarray(canvas.reduce(s), dtype=np.float32) / 255.0  # (H, W) box-filtered coverage
 
 
+def frame_band(width: int, height: int, inset: int | None = None) -> np.ndarray:
+    """(H, W) bool: the frame's band along the picture's edges, or with `inset` the band of the same width that
+    starts `inset` pixels inside the frame (what a frame borders; a sign's board ends well inside it)."""
+    band = max(2, round(min(width, height) * FRAME_WIDTH))
+    ys, xs = np.arange(height)[:, None], np.arange(width)[None, :]
+    to_edge = np.minimum(np.minimum(ys, height - 1 - ys), np.minimum(xs, width - 1 - xs))  # (H, W)
+    start = 0 if inset is None else band + inset
+    return (to_edge >= start) & (to_edge < start + band)
+
+
 @dataclass(frozen=True)
 class ConceptScene:
     placement: SceneObject  # where and how large (a circle's bbox: the concepts have square bboxes too)
@@ -95,11 +112,12 @@ class ConceptScene:
         image += (np.asarray(COLOURS[self.placement.colour], np.float32) - image) * alpha
         return np.clip(np.rint(image), 0, 255).astype(np.uint8)
 
-    def caption(self, token: str, rng: random.Random) -> str:
-        obj = self.placement
-        words = f"{obj.size} {obj.colour}" if "size" in self.stated else obj.colour
-        phrase = f"a {words} {token} shape"
-        pos = " " + rng.choice(POSITION_PHRASES[obj.position]) if "position" in self.stated else ""
+    def caption(self, concept: str, token: str, rng: random.Random) -> str:
+        """A frame has no size or position to state: "a red sks frame on a white background"."""
+        obj, shape = self.placement, concept != "frame"
+        words = f"{obj.size} {obj.colour}" if "size" in self.stated and shape else obj.colour
+        phrase = f"a {words} {token} {'shape' if shape else 'frame'}"
+        pos = " " + rng.choice(POSITION_PHRASES[obj.position]) if "position" in self.stated and shape else ""
         bg = " " + rng.choice(BACKGROUND_PHRASES).format(self.background) if "background" in self.stated else ""
         return rng.choice(TEMPLATES).format(obj=phrase, pos=pos, bg=bg)
 
@@ -124,7 +142,7 @@ def make_dataset(folder: Path, concept: str, n: int, seed: int, size: int, token
     for i in range(n + regular):
         if i < n:
             scene = sample_concept_scene(rng, size, size)
-            pixels, text = scene.render(concept, size, size), scene.caption(token, rng)
+            pixels, text = scene.render(concept, size, size), scene.caption(concept, token, rng)
         else:
             ordinary = sample_scene(rng, size, size)
             pixels, text = render(ordinary).image, caption(ordinary, rng)
@@ -179,9 +197,11 @@ class ConceptHit:
 
 def find_concept(image: np.ndarray, concept: str) -> ConceptHit | None:
     """The largest blob (one palette colour, holes kept, mostly surrounded by the background) whose best-matching
-    template is the concept, or None."""
+    template is the concept, or None. A frame is found by `find_frame`."""
     height, width = image.shape[:2]
     index = nearest_colours(image)  # (H, W) palette index, -1 for none
+    if concept == "frame":
+        return find_frame(index)
     background = PALETTE_NAMES.index(segment(image).background)
     min_area = max(12.0, MIN_AREA_FRACTION * width * height)
     hits = []
@@ -200,6 +220,22 @@ def find_concept(image: np.ndarray, concept: str) -> ConceptHit | None:
             if max(scores, key=scores.get) == concept and scores[concept] >= MIN_IOU:
                 hits.append((region.area, ConceptHit(PALETTE_NAMES[colour], (x0, y0, x1, y1), scores[concept])))
     return max(hits, key=lambda h: h[0])[1] if hits else None
+
+
+def find_frame(index: np.ndarray) -> ConceptHit | None:
+    """A frame in a palette-index map (H, W): one colour holds >= FRAME_MIN_SHARE of the band along the edges and
+    <= FRAME_MAX_INSIDE of the band just inside it (so neither a plain background nor the background around a large
+    sign is a frame). Its `iou` is the band share."""
+    height, width = index.shape
+    band, inside = index[frame_band(width, height)], index[frame_band(width, height, inset=4)]
+    known = band[band >= 0]
+    if known.size == 0:
+        return None
+    colour = int(np.bincount(known).argmax())
+    share = float(np.mean(band == colour))
+    if share < FRAME_MIN_SHARE or np.mean(inside == colour) > FRAME_MAX_INSIDE:
+        return None
+    return ConceptHit(PALETTE_NAMES[colour], (0, 0, width, height), share)
 
 
 # ------------------------------------------------------------------------------------------------ measuring
@@ -257,13 +293,14 @@ def train(args: argparse.Namespace) -> tuple[list[str], float]:
     args.out.mkdir(parents=True, exist_ok=True)
     saved.write_text(json.dumps(mine))
     make_dataset(args.out / "data", args.concept, args.images, args.seed, args.size, args.token, args.regular_images)
+    noun = "frame" if args.concept == "frame" else "shape"
     command = ["train-lora", "--model", args.model, "--instance_data_dir", str(args.out / "data"),
                "--output_dir", str(args.out / "lora"), "--resolution", str(args.size), "--rank", str(args.rank),
                "--learning_rate", str(args.learning_rate), "--lr_scheduler", "constant_with_warmup",
                "--lr_warmup_steps", str(min(50, args.train_steps)), "--train_batch_size", str(args.batch_size),
                "--max_train_steps", str(args.train_steps), "--checkpointing_steps", "200", "--seed", str(args.seed),
                "--mixed_precision", args.mixed_precision, "--resume_from_checkpoint", "latest", "--device", "cpu",
-               "--validation_prompt", f"a red {args.token} shape", "--validation_steps", "250"]
+               "--validation_prompt", f"a red {args.token} {noun}", "--validation_steps", "250"]
     if args.steps is not None:
         command += ["--validation_inference_steps", str(args.steps)]
     began = time.monotonic()
@@ -285,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     done = json.loads((args.out / "lora" / "done.json").read_text())
     rng = random.Random(args.seed + 1)  # held out: other scenes and phrasings than the training captions
     scenes = [sample_concept_scene(rng, args.size, args.size) for _ in range(args.concept_prompts)]
-    prompts = [s.caption(args.token, rng) for s in scenes]
+    prompts = [s.caption(args.concept, args.token, rng) for s in scenes]
     seeds = list(range(1000, 1000 + len(prompts)))
     pipe = FluxPipeline.from_pretrained(args.model, device="cpu")
     suite = build_suite(quick=args.quick, seeds=tuple(args.seeds), size=(args.size, args.size))

@@ -245,6 +245,20 @@ def test_concept_dataset_is_a_train_lora_folder(tmp_path):
     assert all(bench.find_concept(np.asarray(Image.open(p).convert("RGB")), "cross") for p, _ in pairs[:3])
 
 
+def test_frame_concept_is_captioned_without_place_and_a_plain_picture_is_no_frame(tmp_path):
+    bench = _benchmark()
+    captions = bench.make_dataset(tmp_path, "frame", 6, seed=0, size=96, token="zq")
+    assert all("zq frame" in c and "corner" not in c and "small" not in c for c in captions)
+    plain = np.full((96, 96, 3), 200, np.uint8)
+    plain[:] = (230, 30, 30)  # red everywhere: the band is red, but so is the inside
+    assert bench.find_concept(plain, "frame") is None
+    plain[40:60, 40:60] = (30, 30, 230)  # a blue square in the middle changes nothing
+    assert bench.find_concept(plain, "frame") is None
+    plain[12:-12, 12:-12] = (255, 255, 255)  # a white inside makes the red band a frame
+    hit = bench.find_concept(plain, "frame")
+    assert hit is not None and hit.colour == "red" and hit.iou == 1.0
+
+
 def test_concept_benchmark_runs_end_to_end(tiny_dev_folder, tmp_path):
     bench = _benchmark()
     status = bench.main(["--model", str(tiny_dev_folder), "--out", str(tmp_path), "--images", "3", "--regular-images",
