@@ -173,6 +173,34 @@ def test_base_init_continues_from_another_runs_ema(runs):
         BaseTask(config("base", "name=base-bad", "flow.init=nope"), Dist(), runs)
 
 
+def test_edge_weight_raises_the_loss_weight_of_outline_tokens_only(runs):
+    from fluxkit.data import SceneDataset
+    from fluxkit.data.render import render
+    from fluxkit.train.flow import draw_batch, flow_loss
+
+    task = BaseTask(config("base", "name=base-edges", "flow.edge_weight=8"), Dist(), runs)
+    cache, meta = task.cache, task.cache.scenes
+    data = SceneDataset(meta["seed"], meta["n"], sizes=tuple(tuple(s) for s in meta["sizes"]), pairs=meta["pairs"])
+    for bucket in cache.buckets:
+        width, height = bucket.size
+        assert bucket.loss_weight.shape == (len(bucket), (width // 16) * (height // 16))
+        assert bucket.loss_weight.min() == 1.0 and bucket.loss_weight.max() <= 9.0
+        for row, i in enumerate(bucket.index.tolist()[:4]):  # token (r, c) is weighted iff its 16x16 block has edges
+            sample = data[i]
+            scene_edges = render(sample.scene).edges().reshape(height // 16, 16, width // 16, 16).any(axis=(1, 3))
+            weighted = (bucket.loss_weight[row] > 1).reshape(height // 16, width // 16).numpy()
+            assert (weighted >= scene_edges).all() and weighted.any()  # the 1-px widening may reach a neighbour
+    b = draw_batch(cache, 4, torch.Generator().manual_seed(0), Dist())
+    assert b.weight is not None and b.weight.shape == b.x0.shape[:2]
+    pred, target = torch.zeros_like(b.x0), torch.zeros_like(b.x0)
+    target[b.weight > 1] = 1.0  # errors only on outline tokens: the weighted loss is above the plain one
+    out = flow_loss(pred, target, b.weight)
+    assert out["loss"] > out["mse"] > 0
+    assert flow_loss(pred, target, torch.ones_like(b.weight))["loss"] == pytest.approx(out["mse"].item())
+    with pytest.raises(ValueError, match="edge_weight"):
+        config("base", "flow.edge_weight=-1")
+
+
 def test_dev_student_starts_as_the_base_teacher(runs):
     task = DevTask(config("dev", "name=dev-init"), Dist(), runs)
     cache = task.cache

@@ -141,6 +141,7 @@ class Bucket:
     vec: Tensor  # [n, 384]
     index: Tensor  # [n] scene indices
     captions: list[str]
+    loss_weight: Tensor | None = None  # [n, tokens] per-token loss weights (flow.edge_weight), or None
 
     def __len__(self) -> int:
         return len(self.index)
@@ -156,6 +157,7 @@ class LatentCache:
     empty_vec: Tensor  # [1, 384]
     ae_root: Path
     ae_params: AutoEncoderParams
+    scenes: dict | None = None  # the SceneDataset arguments its scenes came from (cache.json "scenes")
 
     @classmethod
     def load(cls, root: Path) -> LatentCache:
@@ -183,7 +185,7 @@ class LatentCache:
         p = meta["ae_params"]
         ae_params = AutoEncoderParams(**{**p, "ch_mult": tuple(p["ch_mult"])})
         return cls(buckets, prompts[1:], txt[1:], vec[1:], txt[:1], vec[:1], (Path(root) / meta["ae"]).resolve(),
-                   ae_params)
+                   ae_params, meta.get("scenes"))
 
     def __len__(self) -> int:
         return sum(len(b) for b in self.buckets)

@@ -144,11 +144,13 @@ class FlowOptions:
     caption_dropout: float = 0.1  # empty-prompt rate: teaches the unconditional velocity classifier-free guidance needs
     logit_mean: float = 0.0  # t = time_shift(mu(L), sigmoid(N(logit_mean, logit_std)))
     logit_std: float = 1.0
+    edge_weight: float = 0.0  # > 0: each token's squared error weighs 1 + edge_weight * (share of its pixels on a
+    # region edge of the rendered scene), so outlines, which decide shape and take few pixels, count more; 0 = plain
 
     def __post_init__(self) -> None:
-        if not 0 <= self.caption_dropout < 1 or self.logit_std <= 0:
-            raise ValueError(f"flow: need 0 <= caption_dropout < 1 and logit_std > 0, got {self.caption_dropout}, "
-                             f"{self.logit_std}")
+        if not 0 <= self.caption_dropout < 1 or self.logit_std <= 0 or self.edge_weight < 0:
+            raise ValueError(f"flow: need 0 <= caption_dropout < 1, logit_std > 0 and edge_weight >= 0, got "
+                             f"{self.caption_dropout}, {self.logit_std}, {self.edge_weight}")
 
 
 @dataclass(frozen=True)
