@@ -159,6 +159,47 @@ def test_quantized_base_trains_and_is_never_modified(tiny_dev_folder, data, tmp_
     assert len(load_file(result.lora_path)) == 2 * (3 + 4 + 1)  # lora_A/B of q, k, v; q, k, v, mlp; proj_out
 
 
+def test_prior_preservation_generates_class_images_and_adds_their_loss(tiny_dev_folder, data, tmp_path):
+    steps = ("--max_train_steps", "3", "--checkpointing_steps", "100")
+    plain = train_lora(parse(tiny_dev_folder, data, tmp_path / "plain", *steps))
+    classes = tmp_path / "classes"
+    prior = ("--with_prior_preservation", "--class_data_dir", str(classes), "--class_prompt", "a green square",
+             "--num_class_images", "3", "--sample_batch_size", "2")
+    unweighted = train_lora(parse(tiny_dev_folder, data, tmp_path / "w0", *steps, *prior, "--prior_loss_weight", "0"))
+    # The class images are the base model's samples of the class prompt, seeds seed + i.
+    pipe = FluxPipeline.from_pretrained(tiny_dev_folder, torch_dtype=torch.float32)
+    names = sorted(p.name for p in classes.iterdir())
+    assert names == ["class-00000.png", "class-00001.png", "class-00002.png"]
+    expected = pipe(["a green square"] * 2, height=32, width=32, max_sequence_length=16, output_type="np",
+                    generator=[torch.Generator().manual_seed(k) for k in (1, 2)]).images
+    for k in (1, 2):
+        saved = np.asarray(Image.open(classes / names[k]), dtype=np.float32) / 255
+        assert np.abs(saved - expected[k - 1]).max() <= 1 / 255
+    # Weight 0: the class rows draw after the instance rows, so training is exactly the plain run.
+    assert unweighted.history == plain.history
+    assert load_file(unweighted.lora_path).keys() == load_file(plain.lora_path).keys()
+    for key, value in load_file(unweighted.lora_path).items():
+        assert torch.equal(value, load_file(plain.lora_path)[key]), key
+    # Weight 1 adds the class loss; the folder is full, so nothing is generated again.
+    before = {n: (classes / n).stat().st_mtime_ns for n in names}
+    weighted = train_lora(parse(tiny_dev_folder, data, tmp_path / "w1", *steps, *prior))
+    assert all(w > p for w, p in zip(weighted.history, plain.history))
+    assert {n: (classes / n).stat().st_mtime_ns for n in names} == before
+    assert json.loads((tmp_path / "w1" / "done.json").read_text())["class_images"] == 3
+
+
+@pytest.mark.parametrize(("extra", "match"), [
+    (("--with_prior_preservation",), "--class_data_dir"),
+    (("--class_prompt", "a shape"), "--with_prior_preservation"),
+    (("--with_prior_preservation", "--class_data_dir", "{tmp}/c", "--num_class_images", "2"), "--class_prompt"),
+    (("--with_prior_preservation", "--class_data_dir", "{tmp}/c", "--prior_loss_weight", "-1"), "--prior_loss_weight"),
+])
+def test_bad_prior_preservation_options_are_named(tiny_dev_folder, data, tmp_path, extra, match):
+    extra = [e.format(tmp=tmp_path) for e in extra]
+    with pytest.raises(ValueError, match=match):
+        train_lora(parse(tiny_dev_folder, data, tmp_path / "run", "--max_train_steps", "1", *extra))
+
+
 @pytest.mark.parametrize(("extra", "match"), [
     (("--resolution", "40"), "--resolution"),
     (("--rank", "0"), "--rank"),
