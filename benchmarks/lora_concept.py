@@ -6,7 +6,9 @@
    generator's style (its colours and backgrounds): a shape (a ring, or a plus-shaped cross: "a red sks shape in the
    top left corner", at the generator's sizes and positions, placed by `make_object`, 4x supersampled edges) or a
    frame along the picture's edges ("a red sks frame on a white background"); plus `--regular-images` ordinary
-   scenes of the generator with their captions (prior preservation).
+   scenes against drift. `--prior renders` mixes the generator's renders of them, with their captions, into the
+   training folder; `--prior model` is DreamBooth's prior preservation: the model's own samples of those captions
+   become `train-lora --with_prior_preservation` class images (generated here, inside the timed budget).
 2. Training: the `fluxkit train-lora` command itself, run in-process; its wall time (model load and caching
    included) is the number compared with the 10-minute budget.
 3. Concept: held-out prompts with the token (other phrasings, colours and places), generated with and without the
@@ -261,6 +263,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--images", type=int, default=20, help="training images of the concept")
     p.add_argument("--regular-images", type=int, default=20,
                    help="ordinary generator scenes trained alongside (prior preservation); 0: none")
+    p.add_argument("--prior", choices=("renders", "model"), default="renders",
+                   help="the regular scenes as the generator's renders mixed into the data, or as the model's own "
+                        "samples in DreamBooth's prior-preservation loss")
     p.add_argument("--size", type=int, default=128, help="image size (training, concept prompts and the suite)")
     p.add_argument("--train-steps", type=int, default=1000)
     p.add_argument("--rank", type=int, default=16)
@@ -280,19 +285,47 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-DATA_OPTIONS = ("model", "concept", "token", "images", "regular_images", "size", "seed")
+PRIORS = {"renders": "renders, mixed in", "model": "model samples, prior-preservation loss"}
+DATA_OPTIONS = ("model", "concept", "token", "images", "regular_images", "prior", "size", "seed")
+
+
+def make_class_images(folder: Path, args: argparse.Namespace) -> None:
+    """`--regular-images` generator captions with the model's own samples of them (.png + same-name .txt), the
+    class images of `--prior model`; those already there are kept (a resumed run)."""
+    from fluxkit.pipeline import FluxPipeline
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(args.seed + 2)  # other scenes than the training data's and the held-out prompts'
+    captions = [caption(sample_scene(rng, args.size, args.size), rng) for _ in range(args.regular_images)]
+    todo = [i for i in range(len(captions)) if not (folder / f"class-{i:03d}.png").is_file()]
+    pipe = FluxPipeline.from_pretrained(args.model, device="cpu") if todo else None
+    for start in range(0, len(todo), 8):
+        part = todo[start : start + 8]
+        images = pipe([captions[i] for i in part], height=args.size, width=args.size, num_inference_steps=args.steps,
+                      generator=[torch.Generator().manual_seed(2000 + i) for i in part]).images
+        for i, image in zip(part, images):
+            (folder / f"class-{i:03d}.txt").write_text(captions[i] + "\n")
+            image.save(folder / f"class-{i:03d}.png")  # last: a .png present means its pair is whole
 
 
 def train(args: argparse.Namespace) -> tuple[list[str], float]:
-    """Write the data set, run `fluxkit train-lora` in-process -> (its command line, wall seconds)."""
+    """Write the data set (and with `--prior model` the class images), run `fluxkit train-lora` in-process ->
+    (its command line, wall seconds of both)."""
     from fluxkit.cli import main as fluxkit_main
 
     saved, mine = args.out / "data-options.json", {k: getattr(args, k) for k in DATA_OPTIONS}
-    if saved.is_file() and json.loads(saved.read_text()) != mine:
+    if saved.is_file() and {"prior": "renders", **json.loads(saved.read_text())} != mine:  # older runs: renders
         raise SystemExit(f"{args.out} was made with other data options ({saved}); choose another --out")
     args.out.mkdir(parents=True, exist_ok=True)
     saved.write_text(json.dumps(mine))
-    make_dataset(args.out / "data", args.concept, args.images, args.seed, args.size, args.token, args.regular_images)
+    began = time.monotonic()
+    mixed = args.regular_images if args.prior == "renders" else 0
+    make_dataset(args.out / "data", args.concept, args.images, args.seed, args.size, args.token, mixed)
+    prior = []
+    if args.prior == "model" and args.regular_images:
+        make_class_images(args.out / "classes", args)
+        prior = ["--with_prior_preservation", "--class_data_dir", str(args.out / "classes"), "--num_class_images",
+                 str(args.regular_images)]
     noun = "frame" if args.concept == "frame" else "shape"
     command = ["train-lora", "--model", args.model, "--instance_data_dir", str(args.out / "data"),
                "--output_dir", str(args.out / "lora"), "--resolution", str(args.size), "--rank", str(args.rank),
@@ -300,10 +333,9 @@ def train(args: argparse.Namespace) -> tuple[list[str], float]:
                "--lr_warmup_steps", str(min(50, args.train_steps)), "--train_batch_size", str(args.batch_size),
                "--max_train_steps", str(args.train_steps), "--checkpointing_steps", "200", "--seed", str(args.seed),
                "--mixed_precision", args.mixed_precision, "--resume_from_checkpoint", "latest", "--device", "cpu",
-               "--validation_prompt", f"a red {args.token} {noun}", "--validation_steps", "250"]
+               "--validation_prompt", f"a red {args.token} {noun}", "--validation_steps", "250", *prior]
     if args.steps is not None:
         command += ["--validation_inference_steps", str(args.steps)]
-    began = time.monotonic()
     if fluxkit_main(command) != 0:
         raise SystemExit(2)
     return ["fluxkit", *command], time.monotonic() - began
@@ -356,7 +388,7 @@ def summarise(args, command: list[str], wall: float, done: dict, results: dict, 
     }
     rows = [
         f"LoRA concept demonstration: {args.concept} as '{args.token}', model {args.model}, {args.images} concept "
-        f"+ {args.regular_images} regular images",
+        f"+ {args.regular_images} regular images ({PRIORS[args.prior]})",
         f"training: {done['steps']} steps in {done['train_seconds']:.0f} s "
         f"({wall / 60:.1f} min with loading and caching)",
         "",

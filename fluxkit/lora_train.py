@@ -400,13 +400,14 @@ def _optimizer_step(args: argparse.Namespace, s: _Setup, opt: torch.optim.Optimi
     loss = 0.0
     for k in range(accum):
         rows = stream_rows(len(s.data.captions), args.train_batch_size, step * accum + k, args.seed)
+        prior = None
+        if s.prior is not None:  # as many class rows, from their own shuffle stream
+            prior = (s.prior, stream_rows(len(s.prior.captions), args.train_batch_size, step * accum + k, args.seed,
+                                          "lora-class-epoch"))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.mixed_precision == "bf16"):
-            micro = flow_loss(model, s.data, rows, gen, s.guidance, device, args.logit_mean, args.logit_std)
-            if s.prior is not None:  # as many class rows, from their own shuffle stream
-                rows = stream_rows(len(s.prior.captions), args.train_batch_size, step * accum + k, args.seed,
-                                   "lora-class-epoch")
-                micro = micro + args.prior_loss_weight * flow_loss(model, s.prior, rows, gen, s.guidance, device,
-                                                                   args.logit_mean, args.logit_std)
+            micro = flow_loss(model, s.data, rows, gen, s.guidance, device, args.logit_mean, args.logit_std, prior)
+            if prior is not None:
+                micro = micro[0] + args.prior_loss_weight * micro[1]
         (micro / accum).backward()  # gradients of the mean over the accumulated micro-batches
         loss += micro.item() / accum
     if args.max_grad_norm > 0:
@@ -416,18 +417,26 @@ def _optimizer_step(args: argparse.Namespace, s: _Setup, opt: torch.optim.Optimi
 
 
 def flow_loss(model: nn.Module, data: TrainData, rows: Tensor, gen: torch.Generator, guidance: float | None,
-              device: torch.device, logit_mean: float = 0.0, logit_std: float = 1.0) -> Tensor:
-    """The base recipe's rectified-flow loss (fluxkit.train.flow) on cached rows."""
+              device: torch.device, logit_mean: float = 0.0, logit_std: float = 1.0,
+              prior: tuple[TrainData, Tensor] | None = None) -> Tensor:
+    """The base recipe's rectified-flow loss (fluxkit.train.flow) on cached rows; with `prior` (class data, rows),
+    those rows join the same forward pass (as diffusers' script concatenates them) and the result is the pair
+    (instance loss, class loss) stacked into a [2] tensor."""
     from .train.flow import FlowBatch, noisy, position_ids
 
-    latents = data.latents[rows]  # [B, 16, h, w]
-    txt, vec = data.txt[rows].to(device), data.vec[rows].to(device)  # [B, L, C], [B, P]
+    parts = [(data, rows)] if prior is None else [(data, rows), prior]
+    latents = torch.cat([d.latents[r] for d, r in parts])  # [B, 16, h, w]
+    txt = torch.cat([d.txt[r] for d, r in parts]).to(device)  # [B, L, C]
+    vec = torch.cat([d.vec[r] for d, r in parts]).to(device)  # [B, P]
     b = FlowBatch(sampling.pack(latents).to(device), txt, vec,
-                  *position_ids(len(rows), *latents.shape[-2:], txt.shape[1], device))
+                  *position_ids(len(latents), *latents.shape[-2:], txt.shape[1], device))
     x_t, t, target = noisy(b, gen, logit_mean, logit_std)  # [B, L_img, 64], [B], [B, L_img, 64]
-    g = torch.full((len(rows),), guidance, device=device) if guidance is not None else None
+    g = torch.full((len(latents),), guidance, device=device) if guidance is not None else None
     pred = model(x_t, b.img_ids, b.txt, b.txt_ids, t, b.vec, g)  # [B, L_img, 64]
-    return F.mse_loss(pred.float(), target)
+    if prior is None:
+        return F.mse_loss(pred.float(), target)
+    n = len(rows)
+    return torch.stack([F.mse_loss(pred[:n].float(), target[:n]), F.mse_loss(pred[n:].float(), target[n:])])
 
 
 def _check_output(args: argparse.Namespace):

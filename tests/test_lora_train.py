@@ -161,13 +161,16 @@ def test_quantized_base_trains_and_is_never_modified(tiny_dev_folder, data, tmp_
 
 def test_prior_preservation_generates_class_images_and_adds_their_loss(tiny_dev_folder, data, tmp_path):
     steps = ("--max_train_steps", "3", "--checkpointing_steps", "100")
-    plain = train_lora(parse(tiny_dev_folder, data, tmp_path / "plain", *steps))
-    classes = tmp_path / "classes"
-    prior = ("--with_prior_preservation", "--class_data_dir", str(classes), "--class_prompt", "a green square",
-             "--num_class_images", "3", "--sample_batch_size", "2")
-    unweighted = train_lora(parse(tiny_dev_folder, data, tmp_path / "w0", *steps, *prior, "--prior_loss_weight", "0"))
+
+    def run(name: str, prompt: str, weight: str):
+        prior = ("--with_prior_preservation", "--class_data_dir", str(tmp_path / prompt), "--class_prompt", prompt,
+                 "--num_class_images", "3", "--sample_batch_size", "2", "--prior_loss_weight", weight)
+        return train_lora(parse(tiny_dev_folder, data, tmp_path / name, *steps, *prior))
+
+    green0, blue0 = run("g0", "a green square", "0"), run("b0", "a blue star", "0")
     # The class images are the base model's samples of the class prompt, seeds seed + i.
     pipe = FluxPipeline.from_pretrained(tiny_dev_folder, torch_dtype=torch.float32)
+    classes = tmp_path / "a green square"
     names = sorted(p.name for p in classes.iterdir())
     assert names == ["class-00000.png", "class-00001.png", "class-00002.png"]
     expected = pipe(["a green square"] * 2, height=32, width=32, max_sequence_length=16, output_type="np",
@@ -175,17 +178,15 @@ def test_prior_preservation_generates_class_images_and_adds_their_loss(tiny_dev_
     for k in (1, 2):
         saved = np.asarray(Image.open(classes / names[k]), dtype=np.float32) / 255
         assert np.abs(saved - expected[k - 1]).max() <= 1 / 255
-    # Weight 0: the class rows draw after the instance rows, so training is exactly the plain run.
-    assert unweighted.history == plain.history
-    assert load_file(unweighted.lora_path).keys() == load_file(plain.lora_path).keys()
-    for key, value in load_file(unweighted.lora_path).items():
-        assert torch.equal(value, load_file(plain.lora_path)[key]), key
-    # Weight 1 adds the class loss; the folder is full, so nothing is generated again.
+    # The class loss is weighted by --prior_loss_weight: at 0, other class images change nothing; at 1 they do.
+    for key, value in load_file(green0.lora_path).items():
+        assert torch.equal(value, load_file(blue0.lora_path)[key]), key
     before = {n: (classes / n).stat().st_mtime_ns for n in names}
-    weighted = train_lora(parse(tiny_dev_folder, data, tmp_path / "w1", *steps, *prior))
-    assert all(w > p for w, p in zip(weighted.history, plain.history))
-    assert {n: (classes / n).stat().st_mtime_ns for n in names} == before
-    assert json.loads((tmp_path / "w1" / "done.json").read_text())["class_images"] == 3
+    green1, blue1 = run("g1", "a green square", "1"), run("b1", "a blue star", "1")
+    assert any(not torch.equal(v, load_file(blue1.lora_path)[k]) for k, v in load_file(green1.lora_path).items())
+    assert all(w > p for w, p in zip(green1.history, green0.history))  # the logged loss includes the class term
+    assert {n: (classes / n).stat().st_mtime_ns for n in names} == before  # a full folder is not generated again
+    assert json.loads((tmp_path / "g1" / "done.json").read_text())["class_images"] == 3
 
 
 @pytest.mark.parametrize(("extra", "match"), [
@@ -300,12 +301,21 @@ def test_frame_concept_is_captioned_without_place_and_a_plain_picture_is_no_fram
     assert hit is not None and hit.colour == "red" and hit.iou == 1.0
 
 
-def test_concept_benchmark_runs_end_to_end(tiny_dev_folder, tmp_path):
+@pytest.mark.parametrize("prior", ["renders", "model"])
+def test_concept_benchmark_runs_end_to_end(tiny_dev_folder, tmp_path, prior):
     bench = _benchmark()
     status = bench.main(["--model", str(tiny_dev_folder), "--out", str(tmp_path), "--images", "3", "--regular-images",
-                         "1", "--train-steps", "2", "--concept-prompts", "2", "--quick", "--seeds", "0", "--steps", "1",
-                         "--threads", "1"])
+                         "2", "--train-steps", "2", "--concept-prompts", "2", "--quick", "--seeds", "0", "--steps", "1",
+                         "--threads", "1", "--prior", prior])
     report = json.loads((tmp_path / "report.json").read_text())
     assert status == 1 and not report["verdicts"]["concept with LoRA >= 80%"]  # a random model learns nothing
     assert report["train"]["steps"] == 2 and (tmp_path / "concept-grid.png").is_file()
     assert set(report["results"]) == {"with", "without"}
+    captions = sorted(p.name for p in (tmp_path / "data").glob("*.txt"))
+    if prior == "renders":  # mixed into the training folder
+        assert len(captions) == 5 and not (tmp_path / "classes").exists() and report["train"]["class_images"] == 0
+    else:  # the model's own samples, in the prior-preservation loss
+        assert len(captions) == 3 and report["train"]["class_images"] == 2
+        assert "--with_prior_preservation" in report["command"]
+        assert sorted(p.name for p in (tmp_path / "classes").iterdir()) == [
+            "class-000.png", "class-000.txt", "class-001.png", "class-001.txt"]
