@@ -6,9 +6,11 @@
    generator's style (its colours and backgrounds): a shape (a ring, or a plus-shaped cross: "a red sks shape in the
    top left corner", at the generator's sizes and positions, placed by `make_object`, 4x supersampled edges) or a
    frame along the picture's edges ("a red sks frame on a white background"); plus `--regular-images` ordinary
-   scenes against drift. `--prior renders` mixes the generator's renders of them, with their captions, into the
-   training folder; `--prior model` is DreamBooth's prior preservation: the model's own samples of those captions
-   become `train-lora --with_prior_preservation` class images (generated here, inside the timed budget).
+   scenes against drift. `--prior mixed` mixes the generator's renders of them, with their captions, into the
+   training folder. `--prior renders` and `--prior model` use DreamBooth's prior-preservation loss instead
+   (`train-lora --with_prior_preservation`, one class image beside each concept image in every batch), with the
+   generator's renders or the model's own samples of those captions (generated here, inside the timed budget) as
+   the class images.
 2. Training: the `fluxkit train-lora` command itself, run in-process; its wall time (model load and caching
    included) is the number compared with the 10-minute budget.
 3. Concept: held-out prompts with the token (other phrasings, colours and places), generated with and without the
@@ -263,11 +265,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--images", type=int, default=20, help="training images of the concept")
     p.add_argument("--regular-images", type=int, default=20,
                    help="ordinary generator scenes trained alongside (prior preservation); 0: none")
-    p.add_argument("--prior", choices=("renders", "model"), default="renders",
-                   help="the regular scenes as the generator's renders mixed into the data, or as the model's own "
-                        "samples in DreamBooth's prior-preservation loss")
+    p.add_argument("--prior", choices=tuple(PRIORS), default="mixed",
+                   help="the regular scenes: renders mixed into the data, or class images of DreamBooth's "
+                        "prior-preservation loss, rendered by the generator or sampled from the model")
     p.add_argument("--size", type=int, default=128, help="image size (training, concept prompts and the suite)")
     p.add_argument("--train-steps", type=int, default=1000)
+    p.add_argument("--prior-loss-weight", type=float, default=1.0, help="class loss weight")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=4)
@@ -285,19 +288,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-PRIORS = {"renders": "renders, mixed in", "model": "model samples, prior-preservation loss"}
+PRIORS = {"mixed": "renders, mixed in", "renders": "renders, prior-preservation loss",
+          "model": "model samples, prior-preservation loss"}
 DATA_OPTIONS = ("model", "concept", "token", "images", "regular_images", "prior", "size", "seed")
 
 
 def make_class_images(folder: Path, args: argparse.Namespace) -> None:
-    """`--regular-images` generator captions with the model's own samples of them (.png + same-name .txt), the
-    class images of `--prior model`; those already there are kept (a resumed run)."""
+    """`--regular-images` generator scenes as class images (.png + same-name .txt caption): the generator's renders
+    (`--prior renders`) or the model's own samples of their captions (`--prior model`); those already there are
+    kept (a resumed run)."""
     from fluxkit.pipeline import FluxPipeline
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(args.seed + 2)  # other scenes than the training data's and the held-out prompts'
-    captions = [caption(sample_scene(rng, args.size, args.size), rng) for _ in range(args.regular_images)]
+    scenes = [sample_scene(rng, args.size, args.size) for _ in range(args.regular_images)]
+    captions = [caption(scene, rng) for scene in scenes]
     todo = [i for i in range(len(captions)) if not (folder / f"class-{i:03d}.png").is_file()]
+    if args.prior == "renders":
+        for i in todo:
+            (folder / f"class-{i:03d}.txt").write_text(captions[i] + "\n")
+            Image.fromarray(render(scenes[i]).image).save(folder / f"class-{i:03d}.png")
+        return
     pipe = FluxPipeline.from_pretrained(args.model, device="cpu") if todo else None
     for start in range(0, len(todo), 8):
         part = todo[start : start + 8]
@@ -314,18 +325,18 @@ def train(args: argparse.Namespace) -> tuple[list[str], float]:
     from fluxkit.cli import main as fluxkit_main
 
     saved, mine = args.out / "data-options.json", {k: getattr(args, k) for k in DATA_OPTIONS}
-    if saved.is_file() and {"prior": "renders", **json.loads(saved.read_text())} != mine:  # older runs: renders
+    if saved.is_file() and {"prior": "mixed", **json.loads(saved.read_text())} != mine:  # older runs: mixed
         raise SystemExit(f"{args.out} was made with other data options ({saved}); choose another --out")
     args.out.mkdir(parents=True, exist_ok=True)
     saved.write_text(json.dumps(mine))
     began = time.monotonic()
-    mixed = args.regular_images if args.prior == "renders" else 0
+    mixed = args.regular_images if args.prior == "mixed" else 0
     make_dataset(args.out / "data", args.concept, args.images, args.seed, args.size, args.token, mixed)
     prior = []
-    if args.prior == "model" and args.regular_images:
+    if args.prior != "mixed" and args.regular_images:
         make_class_images(args.out / "classes", args)
         prior = ["--with_prior_preservation", "--class_data_dir", str(args.out / "classes"), "--num_class_images",
-                 str(args.regular_images)]
+                 str(args.regular_images), "--prior_loss_weight", str(args.prior_loss_weight)]
     noun = "frame" if args.concept == "frame" else "shape"
     command = ["train-lora", "--model", args.model, "--instance_data_dir", str(args.out / "data"),
                "--output_dir", str(args.out / "lora"), "--resolution", str(args.size), "--rank", str(args.rank),
