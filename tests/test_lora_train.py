@@ -301,7 +301,7 @@ def test_frame_concept_is_captioned_without_place_and_a_plain_picture_is_no_fram
     assert hit is not None and hit.colour == "red" and hit.iou == 1.0
 
 
-@pytest.mark.parametrize("prior", ["renders", "model"])
+@pytest.mark.parametrize("prior", ["mixed", "renders", "model"])
 def test_concept_benchmark_runs_end_to_end(tiny_dev_folder, tmp_path, prior):
     bench = _benchmark()
     status = bench.main(["--model", str(tiny_dev_folder), "--out", str(tmp_path), "--images", "3", "--regular-images",
@@ -312,9 +312,9 @@ def test_concept_benchmark_runs_end_to_end(tiny_dev_folder, tmp_path, prior):
     assert report["train"]["steps"] == 2 and (tmp_path / "concept-grid.png").is_file()
     assert set(report["results"]) == {"with", "without"}
     captions = sorted(p.name for p in (tmp_path / "data").glob("*.txt"))
-    if prior == "renders":  # mixed into the training folder
+    if prior == "mixed":  # renders mixed into the training folder
         assert len(captions) == 5 and not (tmp_path / "classes").exists() and report["train"]["class_images"] == 0
-    else:  # the model's own samples, in the prior-preservation loss
+    else:  # renders or the model's own samples, in the prior-preservation loss
         assert len(captions) == 3 and report["train"]["class_images"] == 2
         assert "--with_prior_preservation" in report["command"]
         assert sorted(p.name for p in (tmp_path / "classes").iterdir()) == [
