@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -81,7 +80,7 @@ def edge_weights(cache: LatentCache, strength: float, band: int = 1) -> None:
 
     from ..data.dataset import SceneDataset
     from ..data.render import render
-    from ..data.scenes import KINDS, sample_scene
+    from ..data.scenes import KINDS
 
     if cache.scenes is None:
         raise ValueError("flow.edge_weight needs the cache's scene arguments (cache.json 'scenes'); rebuild the cache")
@@ -93,9 +92,7 @@ def edge_weights(cache: LatentCache, strength: float, band: int = 1) -> None:
         width, height = bucket.size
         rows = []
         for i in bucket.index.tolist():
-            rng = random.Random(f"fluxkit-scenes/{data.seed}/{i}")  # as SceneDataset.__getitem__ draws scene i
-            rng.choice(data.sizes)
-            edges = render(sample_scene(rng, width, height, data.kinds, data.pairs)).edges()  # (H, W) bool
+            edges = render(data[i].scene).edges()  # (H, W) bool; the dataset's own render lacks the sign layers
             if band:
                 edges = ndimage.binary_dilation(edges, iterations=band)
             share = edges.reshape(height // patch, patch, width // patch, patch).mean(axis=(1, 3))  # (h/16, w/16)
