@@ -135,6 +135,12 @@ def sample_concept_scene(rng: random.Random, width: int, height: int) -> Concept
     return ConceptScene(placement, background, stated)
 
 
+def ordinary_scene(rng: random.Random, size: int) -> tuple[Scene, str]:
+    """One of the generator's own scenes (size x size) and its caption: the regular images against drift."""
+    scene = sample_scene(rng, size, size)
+    return scene, caption(scene, rng)
+
+
 def make_dataset(folder: Path, concept: str, n: int, seed: int, size: int, token: str, regular: int = 0) -> list[str]:
     """n concept images + `regular` ordinary scenes of the generator, each with a same-name .txt caption, in `folder`
     (the `--instance_data_dir` layout); returns the captions.
@@ -148,8 +154,8 @@ def make_dataset(folder: Path, concept: str, n: int, seed: int, size: int, token
             scene = sample_concept_scene(rng, size, size)
             pixels, text = scene.render(concept, size, size), scene.caption(concept, token, rng)
         else:
-            ordinary = sample_scene(rng, size, size)
-            pixels, text = render(ordinary).image, caption(ordinary, rng)
+            ordinary, text = ordinary_scene(rng, size)
+            pixels = render(ordinary).image
         name = f"{'concept' if i < n else 'regular'}-{i:03d}"
         Image.fromarray(pixels).save(folder / f"{name}.png")
         (folder / f"{name}.txt").write_text(text + "\n")
@@ -302,7 +308,7 @@ def make_class_images(folder: Path, args: argparse.Namespace) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(args.seed + 2)  # other scenes than the training data's and the held-out prompts'
     scenes = [sample_scene(rng, args.size, args.size) for _ in range(args.regular_images)]
-    captions = [caption(scene, rng) for scene in scenes]
+    captions = [caption(scene, rng) for scene in scenes]  # after all scenes: the order the measured runs drew in
     todo = [i for i in range(len(captions)) if not (folder / f"class-{i:03d}.png").is_file()]
     if args.prior == "renders":
         for i in todo:
@@ -320,7 +326,7 @@ def make_class_images(folder: Path, args: argparse.Namespace) -> None:
 
 
 def train(args: argparse.Namespace) -> tuple[list[str], float]:
-    """Write the data set (and with `--prior model` the class images), run `fluxkit train-lora` in-process ->
+    """Write the data set (and with `--prior renders|model` the class images), run `fluxkit train-lora` in-process ->
     (its command line, wall seconds of both)."""
     from fluxkit.cli import main as fluxkit_main
 
