@@ -1,10 +1,13 @@
 """Benchmark (a): one double + one single block at real FLUX.1 dims, fluxkit vs diffusers, side by side.
 
-    python -m benchmarks.blocks [--dtype bf16] [--sizes 512 1024] [--repeat 3]
+    python -m benchmarks.blocks [--dtype bf16] [--sizes 512 1024] [--repeat 3] [--compile]
 
 Both implementations get the same weights (converted through fluxkit.convert) and the same inputs; the script checks
 they agree, then times a forward of [double block -> single block] at 512^2 (1024 image tokens) and 1024^2 (4096
-image tokens) with 512 text tokens, and reports achieved GFLOP/s against a bf16 matmul peak measured in the same run.
+image tokens) with 512 text tokens, and reports achieved GFLOP/s against a matmul peak measured in the same run: the
+better of a 2048^2 matmul and one shaped like FLUX's MLP linear ([4096, 3072] @ [3072, 12288]), which runs faster.
+--compile adds fluxkit with `torch.compile` on both blocks (Flux.compile_repeated_blocks), against eager diffusers
+as users run it; the compilation itself is left out of the timing. The implementations are timed round-robin.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from dataclasses import replace
 
 import torch
 
-from benchmarks.common import describe_machine, timeit
+from benchmarks.common import describe_machine, timeit_interleaved
 from fluxkit.devices import parse_dtype
 from fluxkit.layers import DoubleStreamBlock, EmbedND, SingleStreamBlock
 from fluxkit.params import FLUX_DEV
@@ -74,18 +77,23 @@ def main() -> None:
     parser.add_argument("--dtype", default="bf16")
     parser.add_argument("--sizes", type=int, nargs="+", default=[512, 1024])
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="also time fluxkit's blocks under torch.compile")
     args = parser.parse_args()
     dtype = parse_dtype(args.dtype)
     print(describe_machine())
     from benchmarks.matmul_peak import peak_gflops
 
-    peak = peak_gflops(dtype, 2048)
-    print(f"measured {args.dtype} matmul peak (2048^2): {peak:.0f} GFLOP/s")
+    square, linear = peak_gflops(dtype, 2048), peak_gflops(dtype, 4096, 3072, 12288)
+    peak = max(square, linear)
+    print(f"measured {args.dtype} matmul peak: {square:.0f} GFLOP/s at 2048^2, {linear:.0f} at [4096, 3072] @ [3072, "
+          f"12288]; using {peak:.0f}")
     ours_d, ours_s, ref_d, ref_s = build(dtype)
+    compiled = (torch.compile(ours_d), torch.compile(ours_s)) if args.compile else None
     p = FLUX_DEV
     rope = EmbedND(p.theta, p.axes_dim)
     print(f"{'size':>6} {'tokens':>7} {'fluxkit s':>10} {'diffusers s':>12} {'ratio':>6} {'fluxkit GF/s':>13} "
-          f"{'% peak':>7} {'diffusers % peak':>17} {'max |diff|':>10}")
+          f"{'% peak':>7} {'diffusers % peak':>17} {'max |diff|':>10}"
+          + (f" {'compiled s':>11} {'ratio':>6} {'% peak':>7}" if compiled else ""))
     for size in args.sizes:
         l_img = (size // 16) ** 2
         img = torch.randn(1, l_img, p.hidden_size, dtype=dtype)
@@ -95,9 +103,9 @@ def main() -> None:
         pe = rope(ids)
         cos_sin = _diffusers_rope(ids[0])
 
-        def run_ours(img=img, txt=txt, vec=vec, pe=pe):
-            i, t = ours_d(img, txt, vec, pe)
-            return ours_s(torch.cat((t, i), 1), vec, pe)
+        def run_ours(img=img, txt=txt, vec=vec, pe=pe, blocks=(ours_d, ours_s)):
+            i, t = blocks[0](img, txt, vec, pe)
+            return blocks[1](torch.cat((t, i), 1), vec, pe)
 
         def run_ref(img=img, txt=txt, vec=vec, cos_sin=cos_sin):
             t, i = ref_d(img, txt, vec, image_rotary_emb=cos_sin)
@@ -106,12 +114,20 @@ def main() -> None:
 
         with torch.inference_mode():
             diff = (run_ours().float() - run_ref().float()).abs().max().item()
-            t_ours = timeit(run_ours, warmup=1, repeat=args.repeat)
-            t_ref = timeit(run_ref, warmup=1, repeat=args.repeat)
+            fns = {"ours": run_ours, "ref": run_ref}
+            if compiled:  # the warmup call compiles (once per shape); its output is checked like the eager one
+                fns["compiled"] = lambda: run_ours(blocks=compiled)
+                diff_comp = (fns["compiled"]().float() - run_ref().float()).abs().max().item()
+            times = timeit_interleaved(fns, warmup=1, repeat=args.repeat)
+            t_ours, t_ref, t_comp = times["ours"], times["ref"], times.get("compiled")
         flops = block_flops(l_img, TXT_TOKENS, p.hidden_size, p.mlp_hidden_dim)
-        print(f"{size:>5}² {l_img + TXT_TOKENS:>7} {t_ours:>10.3f} {t_ref:>12.3f} {t_ours / t_ref:>6.2f} "
-              f"{flops / t_ours / 1e9:>13.0f} {100 * flops / t_ours / 1e9 / peak:>6.0f}% "
-              f"{100 * flops / t_ref / 1e9 / peak:>16.0f}% {diff:>10.3g}")
+        line = (f"{size:>5}² {l_img + TXT_TOKENS:>7} {t_ours:>10.3f} {t_ref:>12.3f} {t_ours / t_ref:>6.2f} "
+                f"{flops / t_ours / 1e9:>13.0f} {100 * flops / t_ours / 1e9 / peak:>6.0f}% "
+                f"{100 * flops / t_ref / 1e9 / peak:>16.0f}% {diff:>10.3g}")
+        if compiled:
+            line += f" {t_comp:>11.3f} {t_comp / t_ref:>6.2f} {100 * flops / t_comp / 1e9 / peak:>6.0f}%"
+            line += f"  (compiled max |diff| {diff_comp:.3g})"
+        print(line)
 
 
 def _diffusers_rope(ids: torch.Tensor):

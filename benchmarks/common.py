@@ -38,6 +38,21 @@ def timeit(fn, *, warmup: int = 2, repeat: int = 5) -> float:
     return statistics.median(times)
 
 
+def timeit_interleaved(fns: dict, *, warmup: int = 1, repeat: int = 5) -> dict:
+    """Median seconds per call of each function, timed round-robin (a, b, a, b, ...) so that a machine whose speed
+    drifts during the run (shared virtual CPUs do) biases none of them."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def random_weight_folder(preset: str, root):
     """A fluxkit model folder with `preset`'s architecture, random transformer weights (seed 0) and the shipped tiny
     autoencoder: the cost per image of a model that is not (yet) shipped, since weights' values do not change it."""

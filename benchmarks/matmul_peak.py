@@ -12,9 +12,11 @@ import torch
 from benchmarks.common import describe_machine, timeit
 
 
-def peak_gflops(dtype: torch.dtype, n: int) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    return 2 * n**3 / timeit(lambda: a @ b, repeat=10) / 1e9
+def peak_gflops(dtype: torch.dtype, n: int, k: int | None = None, m: int | None = None) -> float:
+    """GFLOP/s of an [n, k] @ [k, m] matmul (square n^2 by default)."""
+    k, m = k or n, m or n
+    a, b = torch.randn(n, k, dtype=dtype), torch.randn(k, m, dtype=dtype)
+    return 2 * n * k * m / timeit(lambda: a @ b, repeat=10) / 1e9
 
 
 def main() -> None:

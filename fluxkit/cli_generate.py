@@ -65,6 +65,9 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     p.add_argument("--dtype", help="auto, bf16, fp16, fp32 (auto: bf16 where the device is fast at it)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile the transformer blocks (pays off over many images)"
+    )
     g = p.add_argument_group("image conditioning")
     g.add_argument("--image", type=Path, help="start from this image (img2img; with --mask: inpainting, or Fill)")
     g.add_argument("--strength", type=float, help="how much of --image to repaint, 0-1 (default 0.6; Fill 1.0)")
@@ -342,6 +345,8 @@ def _load(args, device, dtype):
     pipe = FluxPipeline.from_pretrained(
         name, torch_dtype=dtype, device=device, transformer=args.transformer, quantize=args.quantize
     )
+    if args.compile:
+        pipe.transformer.compile_repeated_blocks()
     loras = [_lora_spec(spec) for spec in args.lora or ()]
     for i, (path, _) in enumerate(loras):
         report = pipe.load_lora_weights(path, adapter_name=f"lora_{i}")
