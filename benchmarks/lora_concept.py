@@ -278,6 +278,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--train-steps", type=int, default=1000)
     p.add_argument("--prior-loss-weight", type=float, default=1.0, help="class loss weight")
     p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--target-modules", help="train-lora's --target_modules (default: its default, every linear of "
+                   "the blocks); e.g. txt_attn.qkv,txt_attn.proj,txt_mlp.0,txt_mlp.2 for the text stream only")
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--mixed-precision", choices=("no", "bf16"), default="no",
@@ -353,6 +355,8 @@ def train(args: argparse.Namespace) -> tuple[list[str], float]:
                "--validation_prompt", f"a red {args.token} {noun}", "--validation_steps", "250", *prior]
     if args.steps is not None:
         command += ["--validation_inference_steps", str(args.steps)]
+    if args.target_modules:
+        command += ["--target_modules", args.target_modules]
     if fluxkit_main(command) != 0:
         raise SystemExit(2)
     return ["fluxkit", *command], time.monotonic() - began

@@ -83,6 +83,24 @@ def test_every_weight_matters():
         assert (model(*args) - before).abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_complex_form_equals_the_real_form(dtype):
+    """Eager RoPE (one complex multiply) and the form torch.compile sees (multiply, swap pairs, multiply, add) agree,
+    also on a permuted, non-contiguous q as the blocks pass it; and rotating moves the values (not a no-op)."""
+    from fluxkit.math import _rotate_real, apply_rope, rope_embedding
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 40, (2, 9, 3)).float()
+    pe = rope_embedding(ids, (4, 6, 6), 10_000)
+    q = torch.randn(2, 9, 3, 16, dtype=dtype).permute(0, 2, 1, 3)  # [B, H, L, D], strided like split_qkv's
+    k = torch.randn(2, 3, 9, 16, dtype=dtype)
+    got_q, got_k = apply_rope(q, k, pe)
+    assert got_q.dtype == dtype
+    torch.testing.assert_close(got_q, _rotate_real(q, pe), atol=1e-6, rtol=0)
+    torch.testing.assert_close(got_k, _rotate_real(k, pe), atol=1e-6, rtol=0)
+    assert (got_q.float() - q.float()).abs().max() > 0.1
+
+
 def test_compiled_blocks_match_eager_and_compile_once_per_kind():
     """compile_repeated_blocks: same velocities as eager; the 2 double and 2 single blocks share 2 compiled graphs."""
     import torch._dynamo
