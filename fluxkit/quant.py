@@ -146,14 +146,18 @@ class ScaledLinear(QuantLinear):
 
 def _float8_as_float16(codes: Tensor) -> tuple[Tensor, float]:
     """float8 codes -> (float16 values, factor) with codes == values * factor, by moving bits: PyTorch's float8 cast
-    is scalar code on CPU, this is ~2.5x faster and exact. e5m2 is the top byte of an fp16. e4m3fn's s|eeee|mmm
-    placed in fp16's bit positions reads as value/256 for normal and subnormal codes alike (fp16's exponent bias is
-    8 larger, and both subnormal ranges line up); its NaN codes (0x7f, 0xff) would read as +-480/256, so loading
-    rejects them."""
-    b = codes.view(torch.uint8).to(torch.int16)
+    is 1.3-2.5x slower on the CPU, this is exact. e5m2 is the top byte of an fp16. e4m3fn's s|eeee|mmm placed in
+    fp16's bit positions reads as value/256 for normal and subnormal codes alike (fp16's exponent bias is 8 larger,
+    and both subnormal ranges line up); its NaN codes (0x7f, 0xff) would read as +-480/256, so loading rejects them.
+
+    For e4m3fn, the code widened as a signed int8 and shifted left by 7 has its sign in bit 15 and its seven other bits
+    in 13..7; sign extension also sets bit 14, which the mask 0xBFFF clears: three in-place passes in all.
+    """
     if codes.dtype == torch.float8_e5m2:
-        return (b << 8).view(torch.float16), 1.0
-    return (((b & 0x7F) << 7) | ((b & 0x80) << 8)).view(torch.float16), 256.0
+        return (codes.view(torch.uint8).to(torch.int16) << 8).view(torch.float16), 1.0
+    bits = codes.view(torch.int8).to(torch.int16)
+    bits.bitwise_left_shift_(7).bitwise_and_(-0x4001)  # -0x4001 is 0xBFFF as an int16
+    return bits.view(torch.float16), 256.0
 
 
 class GGUFLinear(QuantLinear):

@@ -117,6 +117,19 @@ def test_int8_and_fp8_match_a_straightforward_reference():
         assert torch.equal(quantize_linear(zero, kind).dequantize(torch.float32)[0], torch.zeros(32))
 
 
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_float8_bit_moves_equal_torchs_cast_for_every_code(fp8):
+    from fluxkit.quant import _float8_as_float16
+
+    codes = torch.arange(256, dtype=torch.uint8).view(fp8)
+    expected = codes.float()
+    finite = expected.isfinite()  # e4m3fn's two NaN codes are rejected at load; e5m2's inf/NaN pass through as such
+    values, factor = _float8_as_float16(codes)
+    got = values.float() * factor
+    assert torch.equal(got[finite], expected[finite])
+    assert torch.equal(got.view(torch.int32)[128:].sign(), torch.full((128,), -1, dtype=torch.int32))  # sign bit kept
+
+
 @pytest.mark.parametrize("kind", ["int8", "fp8", "fp8_channel", "q4_k"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_forward_is_a_matmul_with_the_dequantized_weight(kind, dtype):
