@@ -25,7 +25,7 @@ def page(tiny_schnell_folder, tiny_dev_folder, tmp_path_factory):
     from test_server_support import SCHNELL, write_lora
 
     write_lora(engines[SCHNELL].pipe, lora_dir / "ink.safetensors")
-    config = make_config(tmp_path_factory.mktemp("ui"), engines)
+    config = make_config(tmp_path_factory.mktemp("ui"), engines, limits={"max_steps": 2000})  # see the cancel test
     with running(config, engines) as (url, _), sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=LAUNCH_ARGS, headless=True)
         try:
@@ -77,7 +77,7 @@ def test_model_switch_enables_guidance_and_cancel_stops(page):
     page.select_option("#model", "black-forest-labs/flux-schnell")
     before = page.locator("#gallery .card").count()
     page.select_option("#lora", "")
-    page.fill("#steps", "60")
+    page.fill("#steps", "2000")  # long enough on any CPU that the cancel lands mid-run (60 steps could finish first)
     page.select_option("#aspect_ratio", "1:1")
     page.evaluate("document.getElementById('seed').value = ''")
     page.click("#generate")
