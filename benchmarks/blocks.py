@@ -5,7 +5,7 @@
 Both implementations get the same weights (converted through fluxkit.convert) and the same inputs; the script checks
 they agree, then times a forward of [double block -> single block] at 512^2 (1024 image tokens) and 1024^2 (4096
 image tokens) with 512 text tokens, and reports achieved GFLOP/s against a matmul peak measured in the same run: the
-better of a 2048^2 matmul and one shaped like FLUX's MLP linear ([4096, 3072] @ [3072, 12288]), which runs faster.
+better of a 2048^2 matmul and one shaped like FLUX's MLP linear ([4096, 3072] @ [3072, 12288]).
 --compile adds fluxkit with `torch.compile` on both blocks (Flux.compile_repeated_blocks), against eager diffusers
 as users run it; the compilation itself is left out of the timing. The implementations are timed round-robin.
 """

@@ -28,14 +28,7 @@ def describe_machine() -> str:
 
 def timeit(fn, *, warmup: int = 2, repeat: int = 5) -> float:
     """Median seconds per call."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return timeit_interleaved({"fn": fn}, warmup=warmup, repeat=repeat)["fn"]
 
 
 def timeit_interleaved(fns: dict, *, warmup: int = 1, repeat: int = 5) -> dict:
