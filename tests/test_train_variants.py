@@ -325,3 +325,19 @@ def test_init_may_be_a_model_folder(runs):
         assert torch.equal(a, b.to(torch.bfloat16).float()), name
     with pytest.raises(ValueError, match="is not the config's model"):
         load_init(runs, str(runs / "test-dev" / "export"), replace(params, depth=2), torch.device("cpu"))
+
+
+def test_a_guidance_distilled_model_may_seed_a_model_without_guidance(runs):
+    """Continuing the base from a dev folder: every weight but guidance_in carries over, and the model runs."""
+    params = replace(config("fill").spec().flux, guidance_embed=False)
+    base = load_init(runs, str(runs / "test-dev" / "export"), params, torch.device("cpu"))
+    dev = load_init(runs, str(runs / "test-dev" / "export"), replace(params, guidance_embed=True), torch.device("cpu"))
+    assert base.params == params and not any(k.startswith("guidance_in") for k in base.state_dict())
+    shared = {k: v for k, v in dev.state_dict().items() if not k.startswith("guidance_in")}
+    assert shared.keys() == base.state_dict().keys()
+    assert all(torch.equal(v, base.state_dict()[k]) for k, v in shared.items())
+    x, img_ids, txt, txt_ids, t, vec, _ = random_inputs(2, 4, 64)
+    assert base(x, img_ids, txt, txt_ids, t, vec).shape == x.shape
+    with pytest.raises(ValueError, match="is not the config's model"):  # any other difference is refused
+        load_init(runs, str(runs / "test-dev" / "export"), replace(params, guidance_embed=True, depth=2),
+                  torch.device("cpu"))

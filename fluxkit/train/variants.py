@@ -66,9 +66,14 @@ def load_init(runs_dir: Path, ref: str, params: FluxParams, device: torch.device
     root = resolve_run(Path(runs_dir), ref, "init")
     if (root / "fluxkit.json").is_file():  # e.g. the shipped fluxkit/weights/tiny-dev
         meta = json.loads((root / "fluxkit.json").read_text())
-        if spec_from_dict(meta["spec"]).flux != params:
+        have = spec_from_dict(meta["spec"]).flux
+        # A guidance-distilled model may seed a model without guidance input (e.g. continuing the base from the shipped
+        # tiny-dev, whose other weights are the base's after a short distillation): its guidance_in is dropped.
+        if have != params and not (have.guidance_embed and replace(have, guidance_embed=False) == params):
             raise ValueError(f"init model {root} is not the config's model {params}")
-        model = load_flux_transformer(root / meta["transformer"], params=params, dtype=torch.float32)
+        model = load_flux_transformer(root / meta["transformer"], params=have, dtype=torch.float32)
+        if have != params:
+            model.guidance_in, model.params = nn.Identity(), params
         return model.requires_grad_(True).to(device)
     model = Flux(params)
     try:
