@@ -35,14 +35,20 @@ def config(stage: str, *overrides: str):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
-    """test-ae -> test-cache -> test-base -> test-dev, then 3 steps of each variant (full) and of fill as a LoRA."""
+    """test-ae -> test-cache -> test-base -> test-dev, then 3 steps of each variant (full) and of fill and kontext as
+    LoRAs (kontext's also training the QK norm scales)."""
     runs_dir = tmp_path_factory.mktemp("runs")
     for stage in ("ae", "cache", "base", "dev", *VARIANTS):
         assert run_stage(config(stage), runs_dir, quiet=True).finished, stage
     for stage in ("fill", "kontext"):
-        lora = run_stage(config(stage, f"name=test-{stage}-lora", f"{stage}.mode=lora"), runs_dir, quiet=True)
+        lora = run_stage(lora_config(stage), runs_dir, quiet=True)
         assert lora.finished
     return runs_dir
+
+
+def lora_config(stage: str):
+    norms = ["kontext.train_norms=true", "kontext.norm_lr_mult=20"] if stage == "kontext" else []
+    return config(stage, f"name=test-{stage}-lora", f"{stage}.mode=lora", *norms)
 
 
 def init_model(runs: Path, stage: str):
@@ -77,6 +83,7 @@ def test_model_starts_as_its_init_on_plain_latents(runs, stage, mode):
     assert task.model.img_in.in_features == 64 + EXTRA[stage] == task.spec.flux.in_channels
     trainable = {n for n, p in task.model.named_parameters() if p.requires_grad}
     if mode == "lora":  # adapters on every linear, a widened img_in in full instead; the rest of the init is frozen
+        assert task.norms == [] and task.lr_multipliers == {}
         full = {"img_in.weight", "img_in.bias"} if EXTRA[stage] else set()
         assert {n for n in trainable if ".adapters.lora." not in n} == full
         assert ("img_in.adapters.lora.down" in trainable) == (not EXTRA[stage])
@@ -230,12 +237,21 @@ def test_lora_export_loads_onto_the_init_model_and_equals_the_trained_one(runs, 
     base = getattr(fluxkit, PIPELINES[stage]).from_pretrained(runs / "test-dev" / "export", torch_dtype=torch.float32,
                                                              transformer=init_model(runs, stage))
     report = base.load_lora_weights(run / "lora.safetensors")
-    assert report.img_in_width == (64 + EXTRA[stage] if EXTRA[stage] else None) and report.format == "bfl"
+    assert report.img_in_width == (64 + EXTRA[stage] if EXTRA[stage] else None)
+    # the kontext LoRA carries replacement QK norm scales: the loader reads the file as a BFL control LoRA
+    assert (report.format, report.norm_scales) == (("bfl-control", 6) if stage == "kontext" else ("bfl", 0))
     assert base.transformer.img_in.in_features == base.transformer.params.in_channels == 64 + EXTRA[stage]
     merged = fluxkit.FluxPipeline.from_pretrained(run / "export", torch_dtype=torch.float32).transformer
     inputs = random_inputs(2, 4, 64 + EXTRA[stage])
-    trained = TASKS[stage](config(stage, f"name=test-{stage}-lora", f"{stage}.mode=lora"), Dist(), runs).model
+    trained = TASKS[stage](lora_config(stage), Dist(), runs).model
     trained.load_state_dict(RunFolder(run).load_ema(), strict=True)  # the EMA weights the export was made from
+    norms = {k: v for k, v in load_file(run / "lora.safetensors").items() if k.endswith("_norm.scale")}
+    if stage == "kontext":  # the trained QK norm scales ship whole (BFL's replacement norm scales) and have moved
+        assert len(norms) == 6 and "double_blocks.0.img_attn.norm.query_norm.scale" in norms  # 3 attentions x q, k
+        init = init_model(runs, stage).state_dict()
+        assert max((v - init[k]).abs().max() for k, v in norms.items()) > 1e-2
+    else:
+        assert not norms
     with torch.no_grad():
         loaded = base.transformer(*inputs)
         x, *rest = random_inputs(2, 4, 64)
@@ -292,6 +308,24 @@ def test_fill_masks_cover_what_they_say():
         edges = border[0].all() or border[-1].all() or border[:, 0].all() or border[:, -1].all()
         assert edges
         assert 0 < fill_mask(sample.scene, "rectangles", rng, 0.08).mean() < 1
+
+
+def test_lora_may_train_the_qk_norm_scales_at_their_own_rate(runs):
+    cfg = config("kontext", "kontext.mode=lora", "kontext.train_norms=true", "kontext.norm_lr_mult=20")
+    task = TASKS["kontext"](cfg, Dist(), runs)
+    # test config: one double block (img + txt attention) and one single block, each with a query and a key scale
+    assert len(task.norms) == 6 and all(n.endswith(("query_norm.scale", "key_norm.scale")) for n in task.norms)
+    assert task.lr_multipliers == dict.fromkeys(task.norms, 20.0)
+    opt = make_optimizer(task.model, cfg.optim, task.lr_multipliers)
+    params = dict(task.model.named_parameters())
+    fast = [g for g in opt.param_groups if g["lr_mult"] == 20.0]
+    assert [id(p) for g in fast for p in g["params"]] == [id(params[n]) for n in task.norms]
+    assert all(g["weight_decay"] == 0.0 for g in fast)
+    assert sum(len(g["params"]) for g in opt.param_groups) == sum(p.requires_grad for p in params.values())
+    with pytest.raises(ValueError, match="name no parameter"):
+        make_optimizer(task.model, cfg.optim, {"nope.scale": 2.0})
+    with pytest.raises(ValueError, match="norm_lr_mult must be positive"):
+        config("kontext", "kontext.norm_lr_mult=0")
 
 
 def test_kontext_pairs_replace_scenes_no_edit_fits():

@@ -189,12 +189,19 @@ class VariantOptions:
     logit_mean: float = 0.0  # t = time_shift(mu(L), sigmoid(N(logit_mean, logit_std))), as the base stage
     logit_std: float = 1.0
     export_dtype: str = "bfloat16"  # of the exported model and LoRA file (as shipped); "float32" keeps them exact
+    # lora: also train the attention's QK RMSNorm scales (shipped in the LoRA file as BFL's replacement norm scales).
+    # After RMSNorm a logit q.k / sqrt(d) is at most max(s_q) max(s_k) sqrt(d): the scales bound how sharply a head can
+    # attend to one position (the init's are ~1), e.g. a context token at its target's position.
+    train_norms: bool = False
+    norm_lr_mult: float = 1.0  # the QK norm scales' lr, as a multiple of optim.lr (full mode, or lora + train_norms)
 
     def __post_init__(self) -> None:
         if self.export_dtype not in ("bfloat16", "float32"):
             raise ValueError(f"{self.table()}.export_dtype must be 'bfloat16' or 'float32', got {self.export_dtype!r}")
         if self.mode not in ("full", "lora"):
             raise ValueError(f"{self.table()}.mode must be 'full' or 'lora', got {self.mode!r}")
+        if self.norm_lr_mult <= 0:
+            raise ValueError(f"{self.table()}.norm_lr_mult must be positive, got {self.norm_lr_mult}")
         if self.rank < 1 or self.alpha <= 0 or self.guidance < 0:
             raise ValueError(f"{self.table()}: need rank >= 1, alpha > 0 and guidance >= 0, got {self.rank}, "
                              f"{self.alpha}, {self.guidance}")

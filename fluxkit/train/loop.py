@@ -18,6 +18,7 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -217,10 +218,22 @@ def lr_at(step: int, cfg: OptimConfig, total: int) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+def make_optimizer(model: nn.Module, cfg: OptimConfig, lr_mult: Mapping[str, float] | None = None) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only. `lr_mult` maps parameter names to a multiple of the schedule's lr
+    (their own groups, after the two plain ones, so runs without multipliers keep their checkpoint layout)."""
+    lr_mult = lr_mult or {}
+    unknown = set(lr_mult) - {n for n, _ in model.named_parameters()}
+    if unknown:
+        raise ValueError(f"lr multipliers name no parameter of the model: {sorted(unknown)[:5]}")
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = []
+    for mult in [None, *sorted(set(lr_mult.values()))]:
+        mine = [(n, p) for n, p in params if lr_mult.get(n) == mult]
+        for matrices in (True, False):
+            ps = [p for _, p in mine if (p.ndim >= 2) == matrices]
+            if ps or mult is None:
+                groups.append({"params": ps, "weight_decay": cfg.weight_decay if matrices else 0.0,
+                               "lr_mult": 1.0 if mult is None else mult})
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
 
 
@@ -228,6 +241,7 @@ def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
 class Task(Protocol):
     model: nn.Module  # the trained weights: checkpointed, EMA-averaged, exported
     net: nn.Module  # what DDP wraps and `losses` calls: `model`, or a wrapper sharing its parameters
+    # optional `lr_multipliers: dict[str, float]`: parameter name -> multiple of the schedule's lr
 
     def losses(self, net: nn.Module, step: int, gen: torch.Generator) -> dict[str, Tensor]:
         """This rank's batch for `step` -> {"loss": optimised scalar, other metrics...}; draws only from `gen`."""
@@ -275,7 +289,7 @@ def train(task: Task, cfg: TrainConfig, run: RunFolder, dist: Dist, *, max_minut
     tc = cfg.train
     model = task.model.to(dist.device)
     ema = EMA(model, tc.ema_decay)
-    opt = make_optimizer(model, cfg.optim)
+    opt = make_optimizer(model, cfg.optim, getattr(task, "lr_multipliers", None))
     state = run.load_checkpoint(model, ema.module)
     start, history, elapsed = 0, [], 0.0
     if state is not None:
@@ -333,7 +347,7 @@ def _optimizer_step(task: Task, net: nn.Module, model: nn.Module, ema: EMA, opt:
                     cfg: TrainConfig, dist: Dist, step: int, lr: float) -> dict[str, float]:
     """One update; returns the step's metrics averaged over ranks."""
     for group in opt.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_mult", 1.0)
     with torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16):
         metrics = task.losses(net, step, step_generator(cfg.seed, cfg.stage, step, dist.rank))
     opt.zero_grad(set_to_none=True)

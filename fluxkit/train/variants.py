@@ -19,6 +19,7 @@ control-LoRA layout (`<module>.lora_A/lora_B.weight`, img_in as a full-rank pair
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -55,6 +56,7 @@ from .variants_data import (
 
 ADAPTER = "lora"
 LORA_FILE = "lora.safetensors"
+QK_NORMS = ("norm.query_norm.scale", "norm.key_norm.scale")  # the attention's RMSNorm scales (BFL names)
 
 
 # ------------------------------------------------------------------------------------------------ model set-up
@@ -133,11 +135,14 @@ def merged_model(model: Flux) -> Flux:
     return merged.to(model.img_in.weight.device)
 
 
-def lora_state_dict(model: Flux, init_img_in: tuple[Tensor, Tensor] | None) -> dict[str, Tensor]:
+def lora_state_dict(model: Flux, init_img_in: tuple[Tensor, Tensor] | None,
+                    norms: Sequence[str] = ()) -> dict[str, Tensor]:
     """BFL control-LoRA layout (flux-spec §8.4): `<module>.lora_A.weight` [r, in], `.lora_B.weight` [out, r] with the
     scale folded in (the file's scale is 1). A widened img_in, trained in full, becomes an exact full-rank pair on the
-    zero-padded init img_in, plus `img_in.lora_B.bias` = its bias change."""
-    sd = {}
+    zero-padded init img_in, plus `img_in.lora_B.bias` = its bias change. `norms` (trained QK RMSNorm scales) are
+    stored whole under their own names: BFL's replacement norm scales."""
+    params = dict(model.named_parameters())
+    sd = {name: params[name].detach().float().contiguous() for name in norms}
     for name, m in lora_modules(model).items():
         a = m.adapters[ADAPTER]
         sd[f"{name}.lora_A.weight"] = a.down.detach().float().contiguous()
@@ -194,6 +199,13 @@ class VariantTask:
             add_lora(model, self.opts, {"img_in"} if extra else set(), cfg.seed)
             if extra:  # a widened img_in is trained in full (BFL's control LoRAs); kontext's gets an adapter
                 model.img_in.requires_grad_(True)
+        norms = [n for n, p in model.named_parameters() if n.endswith(QK_NORMS)]
+        if self.opts.mode == "lora" and self.opts.train_norms:
+            for name, p in model.named_parameters():
+                if name in norms:
+                    p.requires_grad_(True)
+        self.norms = [n for n, p in model.named_parameters() if n in norms and p.requires_grad]  # trained QK scales
+        self.lr_multipliers = {n: self.opts.norm_lr_mult for n in self.norms} if self.opts.norm_lr_mult != 1 else {}
         model.gradient_checkpointing = cfg.train.gradient_checkpointing
         self.model = self.net = model.train()
         # bf16 only where the device computes it fast (as the cache stage held MiniLM when it embedded captions).
@@ -280,7 +292,7 @@ class VariantTask:
                    "mode": self.opts.mode}
         dtype = getattr(torch, self.opts.export_dtype)
         if self.opts.mode == "lora":
-            sd = {k: v.to(dtype) for k, v in lora_state_dict(ema, self.init_img_in).items()}
+            sd = {k: v.to(dtype) for k, v in lora_state_dict(ema, self.init_img_in, self.norms).items()}
             metadata = {"format": "pt", "fluxkit_init": self.opts.init}
             atomic_save_safetensors(run.root / LORA_FILE, sd, metadata)
             ema = merged_model(ema)
