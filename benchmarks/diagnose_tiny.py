@@ -3,6 +3,7 @@
     python -m benchmarks.diagnose_tiny words --model fluxkit-tiny-dev        # how much each attribute word is used
     python -m benchmarks.diagnose_tiny latents --model fluxkit-tiny-dev      # what latent errors do to the decode
     python -m benchmarks.diagnose_tiny denoise --model runs/tiny-base/export # one-step denoising, in checker terms
+    python -m benchmarks.diagnose_tiny context --model runs/tiny-kontext/export  # how much a Kontext model copies
 
 `words`: on single-object scenes at 128x128, the flow loss of the model's velocity against the true target
 (noise - x0) with the scene's own caption, and with the caption's shape word (then colour word) swapped for another
@@ -17,6 +18,12 @@ transformer's output has to be for the decoder to draw the right colour and shap
 `denoise`: the same scenes noised to each --times t, the model's one-step estimate x0 = x_t - t v decoded and
 scored by the checker. Unlike the flow loss, this is comparable between models on different autoencoders, and it
 moves early in training, before sampled images pass the suite.
+
+`context`: on edit pairs (the scene before an edit as context tokens, the scene after it as the target, the
+instruction as the prompt; tiny-kontext's training data, other seeds), the flow loss of a Kontext model at fixed t
+with the context, without it, and of copying the context outright (velocity noise - context latents, whose loss
+does not depend on t). A model that uses the context well beats both the no-context loss and the copy at every t.
+`--out` writes the decoded one-step estimates x0 = x_t - t v at each t between the context and the target.
 """
 
 from __future__ import annotations
@@ -155,6 +162,48 @@ def denoise_checks(pipe, n: int, times: tuple[float, ...], seed: int) -> dict[fl
     return out
 
 
+@torch.no_grad()
+def context_losses(pipe, n: int, times: tuple[float, ...], repeats: int, seed: int,
+                   out: Path | None = None) -> dict[float, dict[str, float]]:
+    """{t: {"with context" | "without context" | "copy the context": mean flow loss}} over n edit pairs at 128x128."""
+    from fluxkit import sampling
+    from fluxkit.train.flow import position_ids
+    from fluxkit.train.report import save_grid, to_uint8
+    from fluxkit.train.variants_data import KONTEXT_KINDS, context_tokens, kontext_examples, scene_datasets, unit_images
+
+    datasets = scene_datasets(seed, 4 * n, ((128, 128),), KONTEXT_KINDS)
+    ex = kontext_examples([datasets[0][i] for i in range(n)], random.Random(seed), ("recolor", "remove", "move"),
+                          datasets)
+    model = pipe.transformer
+    z = pipe.vae.encode(images_to_tensor(ex.targets))  # [n, 16, 16, 16]
+    x0 = sampling.pack(z)
+    context, context_ids = context_tokens(pipe.vae, unit_images(ex.conditions))
+    txt, vec = pipe.encode_prompt(ex.prompts, None, max_sequence_length=pipe.spec.max_sequence_length)
+    img_ids, txt_ids = position_ids(n, *z.shape[-2:], txt.shape[1], "cpu")
+    guidance = torch.full((n,), pipe.spec.default_guidance) if model.params.guidance_embed else None
+    copy = float(F.mse_loss(context, x0))  # (noise - context) - (noise - x0), the same at every t
+    out_rows, estimates = {}, []
+    for t in times:
+        sums = {"with context": 0.0, "without context": 0.0}
+        for r in range(repeats):
+            noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed + r))
+            x_t = (1 - t) * x0 + t * noise
+            tt = torch.full((n,), t)
+            v = model(torch.cat((x_t, context), dim=1), torch.cat((img_ids, context_ids), dim=1), txt, txt_ids, tt,
+                      vec, guidance)[:, : x0.shape[1]].float()
+            sums["with context"] += float(F.mse_loss(v, noise - x0)) / repeats
+            plain = model(x_t, img_ids, txt, txt_ids, tt, vec, guidance).float()
+            sums["without context"] += float(F.mse_loss(plain, noise - x0)) / repeats
+            if r == 0:
+                estimates.append(pipe.vae.decode(sampling.unpack(x_t - t * v, *z.shape[-2:]))[:8])
+        out_rows[t] = {**sums, "copy the context": copy}
+    if out is not None:
+        rows = [to_uint8(images_to_tensor(ex.conditions[:8])), *(to_uint8(e) for e in estimates),
+                to_uint8(images_to_tensor(ex.targets[:8]))]
+        save_grid(rows, out, ["context", *(f"x0 at t={t}" for t in times), "target"])
+    return out_rows
+
+
 def _print_rates(label: str, rows: dict) -> None:
     checks = [c for c in next(iter(rows.values())) if c != "pass"]
     print(f"{label:<22} {'pass':>6} " + " ".join(f"{c:>9}" for c in checks))
@@ -164,12 +213,13 @@ def _print_rates(label: str, rows: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("diagnostic", choices=("words", "latents", "denoise"))
+    p.add_argument("diagnostic", choices=("words", "latents", "denoise", "context"))
     p.add_argument("--model", default="fluxkit-tiny-dev", help="built-in name or folder (a tiny-family model)")
-    p.add_argument("--scenes", type=int, default=48, help="single-object scenes")
+    p.add_argument("--scenes", type=int, default=48, help="single-object scenes (context: edit pairs)")
+    p.add_argument("--out", type=Path, help="context: write the x0-estimate grid here (PNG)")
     p.add_argument("--times", type=float, nargs="+", default=[0.5, 0.7, 0.85, 0.95],
                    help="words, denoise: noise levels t")
-    p.add_argument("--repeats", type=int, default=2, help="words: noise draws per t")
+    p.add_argument("--repeats", type=int, default=2, help="words, context: noise draws per t")
     p.add_argument("--noise", type=float, default=0.2, help="latents: std of the white-noise perturbation")
     p.add_argument("--ae", type=Path, help="latents: autoencoder weights replacing the model's own (e.g. an ae run "
                    "checkpoint's ema.safetensors; the model's scale and shift are kept)")
@@ -186,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         from safetensors.torch import load_file
 
         pipe.vae.load_state_dict(load_file(args.ae), strict=True)
-    print(f"model {args.model}, {args.scenes} single-object scenes (seed {args.seed}), 128x128")
+    what = "edit pairs" if args.diagnostic == "context" else "single-object scenes"
+    print(f"model {args.model}, {args.scenes} {what} (seed {args.seed}), 128x128")
     if args.diagnostic == "words":
         print(f"{'t':>5} {'right':>8} {'shape swapped':>15} {'colour swapped':>15}")
         for t, row in word_losses(pipe, args.scenes, tuple(args.times), args.repeats, args.seed).items():
@@ -195,6 +246,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{t:5.2f} {right:8.4f} {cells[0]:>15} {cells[1]:>15}")
     elif args.diagnostic == "latents":
         _print_rates("latent", latent_checks(pipe, args.scenes, args.noise, args.seed))
+    elif args.diagnostic == "context":
+        rows = context_losses(pipe, args.scenes, tuple(args.times), args.repeats, args.seed, args.out)
+        names = list(next(iter(rows.values())))
+        print(f"{'t':>5} " + " ".join(f"{k:>17}" for k in names))
+        for t, row in rows.items():
+            print(f"{t:5.2f} " + " ".join(f"{row[k]:17.4f}" for k in names))
     else:
         _print_rates("t", denoise_checks(pipe, args.scenes, tuple(args.times), args.seed))
     return 0

@@ -196,3 +196,22 @@ def test_diagnose_tiny_denoise_recovers_nearly_clean_scenes_and_not_pure_noise()
     assert set(rows[0.02]) >= {"pass", "colour", "shape"}
     assert rows[0.02]["pass"] >= 0.75  # x_t is almost x0: the estimate decodes to the scene
     assert rows[1.0]["shape"] < rows[0.02]["shape"]  # from pure noise, the estimate is a blurred average
+
+
+def test_diagnose_tiny_context_compares_a_kontext_prediction_with_no_context_and_a_copy(tmp_path):
+    from PIL import Image
+
+    from benchmarks.diagnose_tiny import context_losses
+    from fluxkit import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained("fluxkit-tiny-dev", torch_dtype=torch.float32, device="cpu")
+    torch.set_num_threads(1)
+    rows = context_losses(pipe, 4, (0.3, 0.9), repeats=1, seed=11, out=tmp_path / "x0.png")
+    assert list(rows) == [0.3, 0.9]
+    for row in rows.values():
+        assert set(row) == {"with context", "without context", "copy the context"}
+        assert row["with context"] != row["without context"]  # the context tokens reach the prediction
+    assert rows[0.3]["copy the context"] == rows[0.9]["copy the context"] > 0  # an edit changes the scene
+    assert rows[0.9]["without context"] > rows[0.3]["without context"]  # more noise, less known
+    grid = Image.open(tmp_path / "x0.png")
+    assert grid.height > 4 * 128  # context, two estimates, target
