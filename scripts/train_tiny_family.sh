@@ -2,8 +2,11 @@
 # The whole tiny-family recipe, one command: runs every stage in order, each resumable. Re-run it after an
 # interruption and it continues where it stopped (finished stages are skipped). Then exports the shipped models.
 #   FLUXKIT_RUNS=/path/to/runs scripts/train_tiny_family.sh [--tools]
-# (default runs dir: ./runs; ~2.5 h on 2 AVX2 CPU cores in fp32, less with AVX512-BF16; --tools adds fill/canny/kontext;
-# lengthen the stages in configs/tiny-*.toml where compute allows: --resume continues a finished run to more steps)
+# (default runs dir: ./runs; --tools adds fill/canny/kontext; lengthen the stages in configs/tiny-*.toml where compute
+# allows: --resume continues a finished run to more steps). The shipped lineage (docs/model-card.md): base 6500 steps
+# on 8192 scenes -> tiny-dev-600 (600 steps of guidance distillation) -> tiny-base-cont (4000 more base steps from
+# it on 24576 scenes) -> tiny-dev (2400 steps) -> tiny-schnell. About 5 h on 2 AVX2 cores in fp32 for the first
+# three, then ~2.5 h on 2 AVX512-BF16 cores for the rest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${FLUXKIT_RUNS:-runs}
@@ -12,11 +15,22 @@ if [[ -f fluxkit/weights/ae.safetensors && ! -f "$runs/tiny-ae/done.json" ]]; th
     .venv/bin/fluxkit train configs/tiny-ae.toml --threads "${THREADS:-2}" --runs-dir "$runs" \
         --from-weights fluxkit/weights/ae.safetensors
 fi
-for stage in ae cache base dev schnell; do
-    [[ -f "$runs/tiny-$stage/done.json" ]] && continue
-    .venv/bin/fluxkit train "configs/tiny-$stage.toml" --threads "${THREADS:-2}" --runs-dir "$runs" --resume
-    [[ -f "$runs/tiny-$stage/done.json" ]] || { echo "stage $stage stopped before finishing; re-run to continue" >&2; exit 1; }
-done
+stage() {  # NAME CONFIG [--set ...]: run (or continue) one stage unless it has finished
+    local name=$1 config=$2
+    shift 2
+    [[ -f "$runs/$name/done.json" ]] && return 0
+    .venv/bin/fluxkit train "$config" --threads "${THREADS:-2}" --runs-dir "$runs" --resume "$@"
+    [[ -f "$runs/$name/done.json" ]] || { echo "stage $name stopped before finishing; re-run to continue" >&2; exit 1; }
+}
+stage tiny-ae configs/tiny-ae.toml
+stage tiny-cache configs/tiny-cache.toml
+stage tiny-base configs/tiny-base.toml
+stage tiny-dev-600 configs/tiny-dev.toml --set name=tiny-dev-600 --set distill.teacher=tiny-base \
+    --set distill.cache=tiny-cache --set train.steps=600
+stage tiny-cache-24k configs/tiny-cache-24k.toml
+stage tiny-base-cont configs/tiny-base-cont.toml
+stage tiny-dev configs/tiny-dev.toml
+stage tiny-schnell configs/tiny-schnell.toml
 for model in dev schnell; do
     .venv/bin/fluxkit train --export "$runs/tiny-$model" --out "fluxkit/weights/tiny-$model" --ae-path ../ae.safetensors
 done

@@ -328,3 +328,17 @@ def test_cli_runs_a_stage_and_reports_bad_input(runs, capsys):
     assert main(argv) == 2
     assert "pass --resume" in capsys.readouterr().err
     assert main(["train", "--export", str(runs / "test-base")]) == 2
+
+
+def test_a_config_may_name_a_folder_inside_a_run(tmp_path, monkeypatch):
+    from fluxkit.train.loop import resolve_run
+
+    runs = tmp_path / "runs"
+    (runs / "tiny-dev-600" / "export").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert resolve_run(runs, "tiny-dev-600", "init") == runs / "tiny-dev-600"
+    assert resolve_run(runs, "tiny-dev-600/export", "init") == runs / "tiny-dev-600" / "export"
+    (tmp_path / "tiny-dev-600" / "export").mkdir(parents=True)  # a path from the working directory comes first
+    assert resolve_run(runs, "tiny-dev-600/export", "init") == Path("tiny-dev-600/export")
+    with pytest.raises(ValueError, match="init run 'nowhere/export' not found"):
+        resolve_run(runs, "nowhere/export", "init")

@@ -95,8 +95,11 @@ def step_generator(seed: int, stage: str, step: int, rank: int) -> torch.Generat
 
 # ------------------------------------------------------------------------------------------------ run folders
 def resolve_run(runs_dir: Path, ref: str, what: str) -> Path:
-    """A run named in a config: a name under the runs dir, or a path (containing '/')."""
+    """A run named in a config: a name under the runs dir, a folder inside one ('tiny-dev-600/export', when no such
+    path exists from the working directory), or a path (containing '/')."""
     path = Path(ref).expanduser() if "/" in ref else runs_dir / ref
+    if "/" in ref and not path.is_dir() and not path.is_absolute() and (runs_dir / ref).is_dir():
+        path = runs_dir / ref
     if not path.is_dir():
         raise ValueError(f"{what} run {ref!r} not found (looked for {path})")
     return path
