@@ -26,10 +26,10 @@ WEIGHTS_DIR = Path(__file__).parent / "weights"
 BUILTIN = {
     "fluxkit-tiny-schnell": "tiny-schnell",
     "fluxkit-tiny-dev": "tiny-dev",
-    # The FLUX.1 tools variants, each tiny-dev plus a control LoRA (as BFL's FLUX.1-Canny-dev-lora on FLUX.1-dev);
-    # kontext joins when its trained adapter beats its baseline (README, Control and editing).
+    # The FLUX.1 tools variants, each tiny-dev plus a LoRA (as BFL's FLUX.1-Canny-dev-lora on FLUX.1-dev).
     "fluxkit-tiny-fill": "tiny-fill",
     "fluxkit-tiny-canny": "tiny-canny",
+    "fluxkit-tiny-kontext": "tiny-kontext",
 }
 DEFAULT_MODEL = "fluxkit-tiny-schnell"
 DIFFUSERS_PATTERNS = [

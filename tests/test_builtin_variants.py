@@ -1,7 +1,8 @@
-"""The shipped FLUX.1-tools variants (fluxkit-tiny-fill and fluxkit-tiny-canny): tiny-dev plus a control LoRA. Each
-loads by name offline in its diffusers-named pipeline, and the adapter does its job, measured against the same
-pipeline with the adapter's weight set to 0 (tiny-dev ignoring the condition): with it, Fill keeps the pixels outside
-the mask better, and Canny's output edges overlap the control edges more."""
+"""The shipped FLUX.1-tools variants (fluxkit-tiny-fill, -canny and -kontext): tiny-dev plus a LoRA. Each loads by name
+offline in its diffusers-named pipeline, and the adapter does its job, measured against the same pipeline with the
+adapter's weight set to 0 (tiny-dev ignoring the condition, or for Kontext given the context untrained): with it, Fill
+keeps the pixels outside the mask better, Canny's output edges overlap the control edges more, and Kontext keeps the
+unedited part of the picture better."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from fluxkit.eval.tasks import build_task_items, check_task
 VARIANTS = {  # name -> (pipeline, eval task, img_in width, metric, better)
     "fluxkit-tiny-fill": ("FluxFillPipeline", "fill", 64 + 64 + 256, "outside_mae", "lower"),
     "fluxkit-tiny-canny": ("FluxControlPipeline", "control", 64 + 64, "edge_iou", "higher"),
+    "fluxkit-tiny-kontext": ("FluxKontextPipeline", "edit", 64, "outside_mae", "lower"),
 }
 
 
