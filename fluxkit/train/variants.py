@@ -199,12 +199,11 @@ class VariantTask:
             add_lora(model, self.opts, {"img_in"} if extra else set(), cfg.seed)
             if extra:  # a widened img_in is trained in full (BFL's control LoRAs); kontext's gets an adapter
                 model.img_in.requires_grad_(True)
-        norms = [n for n, p in model.named_parameters() if n.endswith(QK_NORMS)]
+        norms = {n: p for n, p in model.named_parameters() if n.endswith(QK_NORMS)}
         if self.opts.mode == "lora" and self.opts.train_norms:
-            for name, p in model.named_parameters():
-                if name in norms:
-                    p.requires_grad_(True)
-        self.norms = [n for n, p in model.named_parameters() if n in norms and p.requires_grad]  # trained QK scales
+            for p in norms.values():
+                p.requires_grad_(True)
+        self.norms = [n for n, p in norms.items() if p.requires_grad]  # the trained QK scales
         self.lr_multipliers = {n: self.opts.norm_lr_mult for n in self.norms} if self.opts.norm_lr_mult != 1 else {}
         model.gradient_checkpointing = cfg.train.gradient_checkpointing
         self.model = self.net = model.train()
