@@ -1,6 +1,7 @@
-"""`fluxkit train` stages fill / canny / kontext on test-sized configs: they run and export, start as their init
-model, feed the model exactly what the inference hooks build, learn, resume exactly, and their exports (model
-folders and BFL-layout LoRA files) load in FluxFillPipeline / FluxControlPipeline / FluxKontextPipeline."""
+"""`fluxkit train` stages fill / canny / kontext / regional on test-sized configs: they run and export, start as their
+init model, feed the model exactly what the inference hooks build, learn, resume exactly, and their exports (model
+folders and BFL-layout LoRA files) load in FluxFillPipeline / FluxControlPipeline / FluxKontextPipeline (regional:
+FluxPipeline with RegionalPrompts)."""
 
 from __future__ import annotations
 
@@ -19,14 +20,16 @@ from fluxkit import sampling
 from fluxkit.conditioning import Control, Fill, Kontext
 from fluxkit.data import SceneDataset, render
 from fluxkit.pipeline import FluxPipeline
+from fluxkit.regional import RegionalPrompts
 from fluxkit.train import load_config, run_stage
 from fluxkit.train.loop import Dist, RunFolder, make_optimizer, step_generator
 from fluxkit.train.variants import TASKS, load_init
 from fluxkit.train.variants_data import KONTEXT_KINDS, edit_pair, fill_mask, kontext_examples, scene_datasets
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-VARIANTS = ("fill", "canny", "kontext")
-EXTRA = {"fill": 64 + 4 * 8 * 8, "canny": 64, "kontext": 0}  # the test autoencoder downsamples 8x
+VARIANTS = ("fill", "canny", "kontext", "regional")
+EXTRA = {"fill": 64 + 4 * 8 * 8, "canny": 64, "kontext": 0, "regional": 0}  # the test autoencoder downsamples 8x
+LORA_VARIANTS = ("fill", "kontext", "regional")
 
 
 def config(stage: str, *overrides: str):
@@ -35,12 +38,12 @@ def config(stage: str, *overrides: str):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
-    """test-ae -> test-cache -> test-base -> test-dev, then 3 steps of each variant (full) and of fill and kontext as
-    LoRAs (kontext's also training the QK norm scales)."""
+    """test-ae -> test-cache -> test-base -> test-dev, then 3 steps of each variant (full) and of fill, kontext and
+    regional as LoRAs (kontext's also training the QK norm scales)."""
     runs_dir = tmp_path_factory.mktemp("runs")
     for stage in ("ae", "cache", "base", "dev", *VARIANTS):
         assert run_stage(config(stage), runs_dir, quiet=True).finished, stage
-    for stage in ("fill", "kontext"):
+    for stage in LORA_VARIANTS:
         lora = run_stage(lora_config(stage), runs_dir, quiet=True)
         assert lora.finished
     return runs_dir
@@ -118,7 +121,7 @@ def hook_input(stage: str, b, pipe, x: torch.Tensor):
     return hook.model_input(x), img_ids
 
 
-@pytest.mark.parametrize("stage", VARIANTS)
+@pytest.mark.parametrize("stage", ["fill", "canny", "kontext"])
 def test_training_input_is_what_the_inference_hook_builds(runs, stage):
     task = TASKS[stage](config(stage), Dist(), runs)
     b = task.batch(step_generator(0, stage, 5, 0))
@@ -141,6 +144,40 @@ def test_training_input_is_what_the_inference_hook_builds(runs, stage):
         assert ((b.images == 0) | (b.images == 1)).all() and 0 < b.images.mean() < 0.5
     else:
         assert not torch.allclose(shown, b.flow.x0, atol=1e-3) and all(b.prompts)
+
+
+def test_regional_training_text_and_mask_are_what_the_pipeline_feeds_its_transformer(runs):
+    """Per example (the hook shares its regions across a call): FluxPipeline with RegionalPrompts feeds the
+    transformer the batch's joint text [global; regions] and attention mask, and training passes the mask on."""
+    task = TASKS["regional"](config("regional"), Dist(), runs)
+    b = task.batch(step_generator(0, "regional", 5, 0))
+    batch, seq = b.flow.x0.shape[:2]
+    (height, width), n_regions = b.images.shape[-2:], len(b.regions[0])
+    length = task.spec.max_sequence_length
+    assert all(len(rs) == n_regions >= 2 for rs in b.regions)  # one layout per batch
+    joint = (n_regions + 1) * length + seq
+    assert b.flow.txt.shape[1] == (n_regions + 1) * length and b.attn_mask.shape == (batch, 1, joint, joint)
+    calls = []
+    task.model.register_forward_pre_hook(lambda module, args, kwargs: calls.append((args, kwargs)), with_kwargs=True)
+    pipe = FluxPipeline(task.model.eval(), task.ae, task.encoder, task.spec)
+    x = torch.randn(batch, seq, 64, generator=torch.Generator().manual_seed(3))
+    for i in range(batch):
+        masks = [torch.from_numpy(r.mask(width, height)).float() for r in b.regions[i]]
+        pipe(b.prompts[i], conditioning=RegionalPrompts([r.prompt for r in b.regions[i]], masks), height=height,
+             width=width, num_inference_steps=1, latents=x[i : i + 1], guidance_scale=3.5, output_type="latent")
+        (img, img_ids, txt, txt_ids, _, vec, _), kwargs = calls[-1]
+        torch.testing.assert_close(txt[0], b.flow.txt[i], atol=1e-5, rtol=0)
+        torch.testing.assert_close(vec[0], b.flow.vec[i], atol=1e-5, rtol=0)
+        assert torch.equal(kwargs["attn_mask"][0], b.attn_mask[i]) and torch.equal(txt_ids[0], b.flow.txt_ids[i])
+        # each region's text sees exactly its region's image tokens
+        for k, r in enumerate(b.regions[i]):
+            row = b.attn_mask[i, 0, (k + 1) * length, (n_regions + 1) * length:]  # [seq]
+            inside = torch.from_numpy(r.mask(width, height)).reshape(height // 16, 16, width // 16, 16).float()
+            assert torch.equal(row, inside.mean((1, 3)).flatten() >= 0.5) and row.any()
+    # the loss's forward gets the mask too
+    task.batch_losses(task.net, b, step_generator(0, "regional", 1, 0))
+    (_, _, txt, *_), kwargs = calls[-1]
+    assert torch.equal(kwargs["attn_mask"], b.attn_mask) and torch.equal(txt, b.flow.txt)
 
 
 @pytest.mark.parametrize("stage", ["canny", "kontext"])
@@ -211,10 +248,16 @@ def generate(pipe, stage: str, **kw):
         return pipe("a red circle", image=image, mask_image=mask, **common).images
     if stage == "canny":
         return pipe("a red circle", control_image=edges, **common).images
+    if stage == "regional":
+        left, right = torch.zeros(32, 48), torch.zeros(32, 48)
+        left[:, :24], right[:, 24:] = 1, 1
+        hook = RegionalPrompts(["a red circle", "a blue square"], [left, right])
+        return pipe("a white background", conditioning=hook, height=32, width=48, **common).images
     return pipe(image, "make the circle blue", max_area=48 * 32, _auto_resize=False, **common).images
 
 
-PIPELINES = {"fill": "FluxFillPipeline", "canny": "FluxControlPipeline", "kontext": "FluxKontextPipeline"}
+PIPELINES = {"fill": "FluxFillPipeline", "canny": "FluxControlPipeline", "kontext": "FluxKontextPipeline",
+             "regional": "FluxPipeline"}
 
 
 @pytest.mark.parametrize("stage", VARIANTS)
@@ -228,7 +271,7 @@ def test_export_generates_in_its_pipeline(runs, stage):
     assert images.shape == (1, 32, 48, 3) and np.isfinite(images).all()
 
 
-@pytest.mark.parametrize("stage", ["fill", "kontext"])
+@pytest.mark.parametrize("stage", LORA_VARIANTS)
 def test_lora_export_loads_onto_the_init_model_and_equals_the_trained_one(runs, stage):
     import fluxkit
 

@@ -141,13 +141,9 @@ def _panels(item: TaskItem) -> list[np.ndarray]:
         return [ground_truth(item), item.condition]
     if item.task == "edit":
         return [item.source, ground_truth(item)]
-    from fluxkit.data.scenes import COLOURS
+    from fluxkit.data.regions import region_map
 
-    scene = item.expected
-    regions = np.full((scene.height, scene.width, 3), 128, np.uint8)  # (H, W, 3)
-    for r in item.regions:
-        regions[r.mask(scene.width, scene.height)] = (np.asarray(COLOURS[r.colour]) + 128) // 2
-    return [ground_truth(item), regions]
+    return [ground_truth(item), region_map(item.regions, item.expected.width, item.expected.height)]
 
 
 def save_task_grid(items: Sequence[TaskItem], images: Sequence[Image.Image], results: Sequence[TaskResult],

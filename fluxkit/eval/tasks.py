@@ -31,23 +31,18 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from fluxkit.data.captions import caption, object_phrase
+from fluxkit.data.captions import caption
+from fluxkit.data.regions import EVAL_LAYOUTS, RegionSpec, regional_scene
 from fluxkit.data.render import render
 from fluxkit.data.scenes import (
-    BACKGROUNDS,
     KINDS,
-    MARGIN,
-    SIZE_THRESHOLD,
-    SIZES,
     Scene,
     SceneObject,
-    allowed_pairs,
     edit_move,
     edit_recolor,
     edit_remove,
     position_of,
     sample_scene,
-    shape_half_extents,
 )
 from fluxkit.eval.checker import Segmentation, segment
 
@@ -56,7 +51,7 @@ TASK_KINDS = {  # task -> the sub-kinds its items cycle through (the rows of its
     "fill": ("single", "count", "relation"),
     "control": KINDS,
     "edit": ("recolor", "remove", "move"),
-    "regional": ("left/right", "top/bottom", "thirds"),
+    "regional": EVAL_LAYOUTS,
 }
 FILL_PAD = 4  # px the fill mask extends past the object's bbox: its anti-aliased rim plus a little context
 CHANGE_PAD = 3  # px the edit's change mask extends past the changed objects' masks (anti-aliased rims)
@@ -67,20 +62,9 @@ MIN_EDGE_IOU = 0.5  # true renders score 0.71-0.94 (thin Canny lines vs 2 px lab
 
 
 @dataclass(frozen=True)
-class Region:
-    name: str  # "left", "top", "center", ...
-    box: tuple[int, int, int, int]  # (x0, y0, x1, y1) px, x1/y1 exclusive
-    colour: str
-    shape: str
-    prompt: str  # the region's one-object prompt: "a red circle"
-
+class Region(RegionSpec):
     def holds(self, blob) -> bool:
         return self.box[0] <= blob.centre[0] < self.box[2] and self.box[1] <= blob.centre[1] < self.box[3]
-
-    def mask(self, width: int, height: int) -> np.ndarray:
-        m = np.zeros((height, width), bool)  # (H, W)
-        m[self.box[1]:self.box[3], self.box[0]:self.box[2]] = True
-        return m
 
 
 @dataclass(frozen=True, eq=False)
@@ -166,48 +150,10 @@ def _edit(rng: random.Random, kind: str, width: int, height: int) -> dict:
     raise ValueError(f"cannot draw a {width}x{height} scene for a {kind!r} edit")
 
 
-def region_boxes(layout: str, width: int, height: int) -> dict[str, tuple[int, int, int, int]]:
-    """Region name -> (x0, y0, x1, y1) px, x1/y1 exclusive: halves side by side or stacked, or vertical thirds."""
-    if layout == "left/right":
-        return {"left": (0, 0, width // 2, height), "right": (width // 2, 0, width, height)}
-    if layout == "top/bottom":
-        return {"top": (0, 0, width, height // 2), "bottom": (0, height // 2, width, height)}
-    if layout == "thirds":
-        a, b = width // 3, 2 * width // 3
-        return {"left": (0, 0, a, height), "center": (a, 0, b, height), "right": (b, 0, width, height)}
-    raise ValueError(f"layout must be one of {TASK_KINDS['regional']}, got {layout!r}")
-
-
-def _place_in(rng: random.Random, box, shape: str, colour: str, width: int, height: int) -> SceneObject:
-    """An object inside `box`: a large one, shrunk where the region is too narrow (to 85% of what fits). Small
-    triangles and stars do not survive the tiny autoencoder's round trip well, so regions use the room they have."""
-    unit = min(width, height)
-    hw1, hh1 = shape_half_extents(shape, 1.0)  # half extents per pixel of extent
-    fits = min((box[2] - box[0] - 2 * MARGIN) / (2 * hw1), (box[3] - box[1] - 2 * MARGIN) / (2 * hh1))
-    extent = min(rng.uniform(*SIZES["large"]) * unit, 0.85 * fits)
-    if extent < SIZES["small"][0] * unit:
-        raise ValueError(f"a {shape} does not fit in region {box} of a {width}x{height} image")
-    hw, hh = hw1 * extent, hh1 * extent
-    x = rng.uniform(box[0] + hw + MARGIN, box[2] - hw - MARGIN)
-    y = rng.uniform(box[1] + hh + MARGIN, box[3] - hh - MARGIN)
-    size = "large" if extent >= SIZE_THRESHOLD * unit else "small"
-    return SceneObject(shape, colour, size, (x, y), extent, position_of(x, y, width, height))
-
-
 def _regional(rng: random.Random, layout: str, width: int, height: int) -> dict:
-    boxes = region_boxes(layout, width, height)
-    background = rng.choice(tuple(BACKGROUNDS))
-    pairs = allowed_pairs("train", background)
-    colours = rng.sample(sorted({c for c, _ in pairs}), len(boxes))  # one colour per region: no confusion
-    objects, regions = [], []
-    for (name, box), colour in zip(boxes.items(), colours, strict=True):
-        shape = rng.choice([s for c, s in pairs if c == colour])
-        obj = _place_in(rng, box, shape, colour, width, height)
-        objects.append(obj)
-        regions.append(Region(name, box, colour, shape, object_phrase(obj, rng, with_size=False)))
-    # A "count" Scene only as a container to render from: the regional checker reads `regions`, not the kind.
-    scene = Scene("count", width, height, background, frozenset({"count", "colour", "shape"}), tuple(objects))
-    return dict(prompt=f"an image with a {background} background", expected=scene, regions=tuple(regions))
+    scene, specs, background = regional_scene(rng, layout, width, height)
+    regions = tuple(Region(r.name, r.box, r.colour, r.shape, r.prompt) for r in specs)
+    return dict(prompt=f"an image with a {background} background", expected=scene, regions=regions)
 
 
 def build_task_items(task: str, n: int = 32, seeds: tuple[int, ...] = (0,), size: tuple[int, int] = (128, 128),

@@ -2,7 +2,7 @@
 
 A config names its stage, run, seed and model preset, then one table per concern:
 
-    stage = "base"              # ae | cache | base | dev | schnell | fill | canny | kontext
+    stage = "base"              # ae | cache | base | dev | schnell | fill | canny | kontext | regional
     name = "tiny-base"          # run folder under the runs dir
     seed = 0
     [model]   preset = "tiny-base"   (+ optional [model.flux] / [model.ae] field overrides, for test-sized nets)
@@ -10,8 +10,8 @@ A config names its stage, run, seed and model preset, then one table per concern
     [optim]   AdamW and the LR schedule
     [train]   steps, batch size, EMA, bf16, checkpoint / sample / plot intervals
     [sample]  what the sample grids show
-    [ae] | [cache] | [flow] | [distill] | [fill] | [canny] | [kontext]   the stage's own options (only the table of
-              its stage is allowed)
+    [ae] | [cache] | [flow] | [distill] | [fill] | [canny] | [kontext] | [regional]   the stage's own options
+              (only the table of its stage is allowed)
 
 Every key is checked: an unknown key or a wrong type is a ValueError naming it. `--set train.steps=10` overrides.
 """
@@ -28,9 +28,9 @@ from pathlib import Path
 from ..data.scenes import KINDS
 from ..params import ModelSpec, preset
 
-STAGES = ("ae", "cache", "base", "dev", "schnell", "fill", "canny", "kontext")
+STAGES = ("ae", "cache", "base", "dev", "schnell", "fill", "canny", "kontext", "regional")
 STAGE_TABLE = {"ae": "ae", "cache": "cache", "base": "flow", "dev": "distill", "schnell": "distill", "fill": "fill",
-               "canny": "canny", "kontext": "kontext"}
+               "canny": "canny", "kontext": "kontext", "regional": "regional"}
 # Keys that may change between sessions of one run (`--resume`): lengthening it, intervals, speed options (compile
 # and checkpointing change rounding, not the recipe) and the sample grids. Anything else must match the saved config.
 RESUMABLE_CHANGES = {"train.steps", "train.checkpoint_every", "train.sample_every", "train.plot_every",
@@ -176,7 +176,7 @@ class DistillOptions:
 
 @dataclass(frozen=True)
 class VariantOptions:
-    """What the conditioned-variant stages (fill, canny, kontext; fluxkit.train.variants) share."""
+    """What the conditioned-variant stages (fill, canny, kontext, regional; fluxkit.train.variants) share."""
 
     init: str = "tiny-dev"  # a finished transformer run (its EMA weights) or a fluxkit model folder to start from
     cache: str = "tiny-cache"  # the cache whose autoencoder the init model was trained on (it encodes every image)
@@ -254,6 +254,19 @@ class KontextOptions(VariantOptions):
 
 
 @dataclass(frozen=True)
+class RegionalOptions(VariantOptions):
+    # fluxkit.data.regions layouts, one drawn per step (a batch shares its region count); "uneven" cuts at 35-65%.
+    # caption_dropout empties the global prompt only (the region prompts alone then steer the picture).
+    layouts: tuple[str, ...] = ("left/right", "top/bottom", "thirds", "rows", "uneven")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from ..data.regions import LAYOUTS
+
+        self._check_choices("layouts", LAYOUTS)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     stage: str
     name: str
@@ -279,7 +292,7 @@ class TrainConfig:
 
 
 OPTION_TYPES = {"ae": AEOptions, "cache": CacheOptions, "flow": FlowOptions, "distill": DistillOptions,
-                "fill": FillOptions, "canny": CannyOptions, "kontext": KontextOptions}
+                "fill": FillOptions, "canny": CannyOptions, "kontext": KontextOptions, "regional": RegionalOptions}
 SECTIONS = {"data": DataConfig, "optim": OptimConfig, "train": LoopConfig, "sample": SampleConfig}
 
 

@@ -51,6 +51,7 @@ from .variants_data import (
     fill_examples,
     kontext_examples,
     python_rng,
+    regional_examples,
     scene_datasets,
 )
 
@@ -246,7 +247,8 @@ class VariantTask:
         """Rectified flow on one batch: t, noise from `gen`; the model sees the noisy latents with the condition."""
         x_t, t, target = noisy(b.flow, gen, self.opts.logit_mean, self.opts.logit_std)  # shift from noise tokens
         img, img_ids = b.model_input(x_t)
-        pred = net(img, img_ids, b.flow.txt, b.flow.txt_ids, t, b.flow.vec, self.guidance(len(t), t.device))
+        pred = net(img, img_ids, b.flow.txt, b.flow.txt_ids, t, b.flow.vec, self.guidance(len(t), t.device),
+                   attn_mask=b.attn_mask)
         return {"loss": F.mse_loss(pred[:, : x_t.shape[1]].float(), target)}  # the noise tokens only
 
     # -- sample grids and export ----------------------------------------------------------------------------------
@@ -258,14 +260,22 @@ class VariantTask:
         ex = self.examples([datasets[0][i] for i in range(sc.count)], python_rng(gen), datasets)
         return build_batch(self.kind, ex, self.ae, self.encode_text, gen, 0.0, self.dist.device)
 
+    def generate(self, pipe, b: VariantBatch, steps: int, seed: int, cfg_kw: dict) -> Tensor:
+        """Images [B, 3, H, W] in [0, 1] for the batch through the pipeline and the stage's hook."""
+        height, width = b.images.shape[-2:]
+        return pipe(prompt_embeds=b.flow.txt, pooled_prompt_embeds=b.flow.vec, conditioning=self.hook(b),
+                    height=height, width=width, num_inference_steps=steps, output_type="pt",
+                    generator=[torch.Generator().manual_seed(seed + i) for i in range(len(b.prompts))],
+                    **cfg_kw).images
+
     def samples(self, ema: nn.Module, path: Path) -> None:
         """Rows: the condition, the output for each `sample.steps` entry (through the inference pipeline and the
         stage's hook), the target."""
         from ..pipeline import FluxPipeline
 
         sc, b = self.cfg.sample, self.sample_batch()
-        pipe = FluxPipeline(ema, self.ae, None, self.spec)
-        n, (height, width) = len(b.prompts), b.images.shape[-2:]
+        pipe = FluxPipeline(ema, self.ae, self.encoder, self.spec)  # the encoder: the regional hook encodes prompts
+        n = len(b.prompts)
         if self.spec.flux.guidance_embed:
             cfg_kw = {"guidance_scale": sc.guidance}
         else:  # an init without guidance input samples with true CFG against the empty prompt, as the base stage
@@ -276,9 +286,7 @@ class VariantTask:
         rows = [to_uint8(condition * 2 - 1)]
         for steps in sc.steps:
             with torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.bf16):
-                out = pipe(prompt_embeds=b.flow.txt, pooled_prompt_embeds=b.flow.vec, conditioning=self.hook(b),
-                           height=height, width=width, num_inference_steps=steps, output_type="pt",
-                           generator=[torch.Generator().manual_seed(sc.seed + i) for i in range(n)], **cfg_kw).images
+                out = self.generate(pipe, b, steps, sc.seed, cfg_kw)
             rows.append(to_uint8(out * 2 - 1))
         with torch.no_grad():
             h, w = (side // self.ae.params.downscale for side in b.images.shape[-2:])
@@ -337,7 +345,36 @@ class KontextTask(VariantTask):
         return Kontext(b.images)
 
 
-TASKS = {"fill": FillTask, "canny": CannyTask, "kontext": KontextTask}
+class RegionalTask(VariantTask):
+    """Regional prompts (fluxkit.regional): the text is [global; region 1; ...; region R] under the hook's joint
+    attention mask, the target a scene with each region's object inside its region. The init model was never trained
+    with masks: untouched, its image tokens draw the part of a centred object their region prompt would give."""
+
+    kind = "regional"
+    scene_kinds = ("single",)  # only the sizes of the drawn scenes are used
+
+    def examples(self, samples, rng, datasets) -> Examples:
+        return regional_examples(samples, rng, self.opts.layouts)
+
+    def hook(self, b: VariantBatch, i: int):
+        from ..regional import RegionalPrompts
+
+        height, width = b.images.shape[-2:]
+        masks = [torch.from_numpy(r.mask(width, height)).float() for r in b.regions[i]]
+        return RegionalPrompts([r.prompt for r in b.regions[i]], masks)
+
+    def generate(self, pipe, b: VariantBatch, steps: int, seed: int, cfg_kw: dict) -> Tensor:
+        """The hook shares its regions across a call, so each example is its own call."""
+        (height, width), outs = b.images.shape[-2:], []
+        for i, prompt in enumerate(b.prompts):
+            kw = {k: v[i : i + 1] for k, v in cfg_kw.items() if isinstance(v, Tensor)}
+            gen = torch.Generator().manual_seed(seed + i)
+            outs.append(pipe(prompt, conditioning=self.hook(b, i), height=height, width=width,
+                             num_inference_steps=steps, output_type="pt", generator=gen, **{**cfg_kw, **kw}).images)
+        return torch.cat(outs)
+
+
+TASKS = {"fill": FillTask, "canny": CannyTask, "kontext": KontextTask, "regional": RegionalTask}
 
 
 def export_lora_variant(run_root: Path, out: Path, base: str, name: str | None = None) -> Path:

@@ -26,6 +26,7 @@ from ..autoencoder import AutoEncoder
 from ..conditioning import pack_mask, to_mask, to_pixels
 from ..control import canny
 from ..data import Sample, Scene, SceneDataset, edit_move, edit_recolor, edit_remove, render
+from ..data.regions import GLOBAL_PHRASES, NoRoom, RegionSpec, region_map, regional_scene
 from .flow import FlowBatch, position_ids
 from .loop import Dist
 
@@ -43,6 +44,7 @@ class Examples:
     conditions: list[np.ndarray]  # (H, W, 3) uint8: the hook's image (fill: the scene itself, masked by the hook)
     prompts: list[str]
     masks: list[np.ndarray] | None = None  # (H, W) bool, fill only: True = regenerate
+    regions: list[tuple[RegionSpec, ...]] | None = None  # regional only: each scene's regions (prompt + box)
 
 
 # ------------------------------------------------------------------------------------------------ scenes
@@ -161,6 +163,48 @@ def kontext_examples(samples: list[Sample], rng: random.Random, edits: tuple[str
     return Examples(after, before, prompts)
 
 
+# ------------------------------------------------------------------------------------------------ regional prompts
+def regional_examples(samples: list[Sample], rng: random.Random, layouts: tuple[str, ...],
+                      tries: int = 20) -> Examples:
+    """Regional scenes at the size of `samples` (their scenes are not used), one layout drawn for the batch (a batch
+    shares its region count): target = the scene, condition = its region map, prompt = a background phrase."""
+    width, height = samples[0].scene.width, samples[0].scene.height
+    for _ in range(tries):
+        layout = rng.choice(layouts)
+        made = []
+        for _ in samples:
+            for _ in range(tries):  # a shape may not fit a narrow region, or a background allow too few colours
+                try:
+                    made.append(regional_scene(rng, layout, width, height))
+                    break
+                except NoRoom:
+                    continue
+            else:
+                break  # this layout does not suit this size: draw another
+        if len(made) == len(samples):
+            return Examples([render(scene).image for scene, _, _ in made],
+                            [region_map(regions, width, height) for _, regions, _ in made],
+                            [rng.choice(GLOBAL_PHRASES).format(bg) for _, _, bg in made],
+                            regions=[regions for _, regions, _ in made])
+    raise ValueError(f"no layout of {layouts} fits a {width}x{height} image; add 'left/right' or 'top/bottom'")
+
+
+def regional_text(txt: Tensor, region_txt: Tensor, regions: list[tuple[RegionSpec, ...]], size: tuple[int, int],
+                  grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """The regional hook's text and mask for a batch whose examples have their own regions (the hook,
+    `fluxkit.regional.RegionalPrompts`, shares one set across a batch): txt [B, L, C] (global prompts) and region_txt
+    [B, R, L, C] -> ([B, (R+1) L, C], attention mask [B, 1, L_all, L_all]) for an (H, W) = `size` image of
+    `grid` = (rows, columns) tokens."""
+    from ..regional import attention_mask, region_tokens
+
+    batch, regions_per, length, channels = region_txt.shape
+    height, width = size
+    masks = [attention_mask(length, region_tokens([torch.from_numpy(r.mask(width, height)).float() for r in rs],
+                                                  size, grid)) for rs in regions]
+    joint = torch.cat((txt, region_txt.reshape(batch, regions_per * length, channels)), dim=1)
+    return joint, torch.stack(masks)[:, None].to(txt.device)
+
+
 # ------------------------------------------------------------------------------------------------ tensors
 @dataclass
 class VariantBatch:
@@ -175,6 +219,8 @@ class VariantBatch:
     channels: Tensor | None = None  # [B, L, C_extra] concatenated to the noisy latents (fill 320, canny 64)
     context: Tensor | None = None  # [B, Lc, 64] appended along the sequence (kontext)
     context_ids: Tensor | None = None  # [B, Lc, 3]
+    attn_mask: Tensor | None = None  # [B, 1, L_all, L_all] bool over [text; image] (regional)
+    regions: list[tuple[RegionSpec, ...]] | None = None  # regional: each example's regions
 
     def model_input(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(img, img_ids) for noisy latents x [B, L, 64]: the hooks' `model_input` and their position ids."""
@@ -229,11 +275,17 @@ def build_batch(kind: str, ex: Examples, ae: AutoEncoder, encode_text, gen: torc
     targets = to_pixels(unit_images(ex.targets), None, "target").to(device)  # [B, 3, H, W] in [-1, 1]
     x0 = ae.encode(targets)  # [B, 16, h, w], posterior mean as the cache holds it
     txt, vec = encode_text(prompts)
+    attn_mask = None
+    if kind == "regional":  # the region prompts are never dropped: they are the condition
+        region_txt, _ = encode_text([r.prompt for rs in ex.regions for r in rs])  # [B * R, L, C]
+        region_txt = region_txt.reshape(batch, -1, *region_txt.shape[1:])  # [B, R, L, C]
+        txt, attn_mask = regional_text(txt.to(device), region_txt.to(device), ex.regions, tuple(targets.shape[-2:]),
+                                        (x0.shape[-2] // 2, x0.shape[-1] // 2))
     flow = FlowBatch(sampling.pack(x0).float(), txt.float().to(device), vec.float().to(device),
                      *position_ids(batch, *x0.shape[-2:], txt.shape[1], device))
     images = unit_images(ex.conditions).to(device)
     masks = unit_images([m[..., None].astype(np.uint8) * 255 for m in ex.masks]).to(device) if ex.masks else None
-    out = VariantBatch(flow, images, masks, prompts, None)
+    out = VariantBatch(flow, images, masks, prompts, None, attn_mask=attn_mask, regions=ex.regions)
     if kind in ("fill", "canny"):
         out.cond_seed = int(torch.randint(1 << 62, (), generator=gen))
         cond_gen = torch.Generator().manual_seed(out.cond_seed)  # CPU, as the pipelines' generators
@@ -242,6 +294,6 @@ def build_batch(kind: str, ex: Examples, ae: AutoEncoder, encode_text, gen: torc
     elif kind == "kontext":
         out.context, out.context_ids = context_tokens(ae, images)
         out.context = out.context.float()
-    else:
-        raise ValueError(f"unknown variant {kind!r}; known: fill, canny, kontext")
+    elif kind != "regional":
+        raise ValueError(f"unknown variant {kind!r}; known: fill, canny, kontext, regional")
     return out
