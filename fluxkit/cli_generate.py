@@ -78,7 +78,10 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     g.add_argument("--control-map", action="store_true", help="--control-image already is the edge/depth map")
     g.add_argument("--depth-model", help="transformers depth model, local folder or cached id (default: BFL's)")
     g.add_argument("--edit", type=Path, metavar="IMAGE", help="edit IMAGE as the prompt says (a Kontext model)")
-    g.add_argument("--region", action="append", metavar="MASK:PROMPT", help="PROMPT where MASK is white (repeatable)")
+    g.add_argument("--region", action="append", metavar="MASK:PROMPT",
+                   help="PROMPT where MASK is white (repeatable); MASK is an image file, a box name (left, right, top, "
+                   "bottom, top-left, ..., left-third, center-third, right-third, top-third, middle-third, "
+                   "bottom-third) or x0,y0,x1,y1 fractions of the image")
     p.set_defaults(run=run)
 
 
@@ -170,7 +173,7 @@ def run(args) -> int:
         None if args.dtype in (None, "auto") else parse_dtype(args.dtype),
     )
     height, width = _size(args, _input_size(args) or pipe.spec.default_size)
-    conditioning = _conditioning(args, pipe)
+    conditioning = _conditioning(args, pipe, (height, width))
     steps = args.steps or pipe.spec.default_steps
     guidance = _guidance(args.guidance, steps)
     from .imageio import save_image
@@ -274,11 +277,11 @@ def _input_size(args) -> tuple[int, int] | None:
     return height, width
 
 
-def _conditioning(args, pipe):
-    """The conditioning hook the image flags ask for, or None for plain text-to-image."""
+def _conditioning(args, pipe, size: tuple[int, int]):
+    """The conditioning hook the image flags ask for, or None for plain text-to-image; size = (height, width)."""
     from . import conditioning as cond
     from .control import DEPTH_MODEL, control_image
-    from .regional import RegionalPrompts
+    from .regional import RegionalPrompts, box_mask
 
     for flag, needs in (("mask", "image"), ("strength", "image"), ("outpaint", "image"), ("control", "control_image")):
         if getattr(args, flag) is not None and getattr(args, needs) is None:
@@ -309,7 +312,8 @@ def _conditioning(args, pipe):
         pairs = [r.split(":", 1) for r in args.region]
         if any(len(p) != 2 or not p[1].strip() for p in pairs):
             raise ValueError(f"--region must be MASK:PROMPT, got {args.region}")
-        masks = [_open_image(Path(m), "--region").convert("L") for m, _ in pairs]
+        masks = [_open_image(Path(m), "--region").convert("L") if Path(m).is_file() else box_mask(m, size[1], size[0])
+                 for m, _ in pairs]
         hooks.append(RegionalPrompts([p.strip() for _, p in pairs], masks))
     if not hooks:
         return None

@@ -42,6 +42,33 @@ def attention_mask(text_len: int, region_tokens: Tensor, extra_tokens: int = 0) 
     return torch.cat((top, bottom), dim=0)  # [T + N + extra, T + N + extra]
 
 
+NAMED_BOXES = {  # name -> (x0, y0, x1, y1) as fractions of the width and height
+    "left": (0, 0, 0.5, 1), "right": (0.5, 0, 1, 1), "top": (0, 0, 1, 0.5), "bottom": (0, 0.5, 1, 1),
+    "top-left": (0, 0, 0.5, 0.5), "top-right": (0.5, 0, 1, 0.5), "bottom-left": (0, 0.5, 0.5, 1),
+    "bottom-right": (0.5, 0.5, 1, 1), "left-third": (0, 0, 1 / 3, 1), "center-third": (1 / 3, 0, 2 / 3, 1),
+    "right-third": (2 / 3, 0, 1, 1), "top-third": (0, 0, 1, 1 / 3), "middle-third": (0, 1 / 3, 1, 2 / 3),
+    "bottom-third": (0, 2 / 3, 1, 1),
+}
+
+
+def box_mask(box: str, width: int, height: int) -> Tensor:
+    """A rectangular region mask [H, W] in {0, 1}: a name from NAMED_BOXES ("left", "top-right", "center-third", ...)
+    or "x0,y0,x1,y1" as fractions of the width and height (e.g. "0,0,0.5,1" = the left half)."""
+    if box in NAMED_BOXES:
+        x0, y0, x1, y1 = NAMED_BOXES[box]
+    else:
+        try:
+            x0, y0, x1, y1 = (float(v) for v in box.split(","))
+        except ValueError:
+            raise ValueError(f"region box must be one of {sorted(NAMED_BOXES)} or 'x0,y0,x1,y1' fractions of the "
+                             f"image, got {box!r}") from None
+        if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
+            raise ValueError(f"region box {box!r} needs 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1")
+    mask = torch.zeros(height, width)
+    mask[round(y0 * height) : round(y1 * height), round(x0 * width) : round(x1 * width)] = 1
+    return mask
+
+
 def region_tokens(masks: Sequence, image_size: tuple[int, int], grid: tuple[int, int]) -> Tensor:
     """Pixel masks at the image size -> bool [R, h2 * w2]: a token is in a region when half its pixels are."""
     rows = []

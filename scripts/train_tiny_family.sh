@@ -2,9 +2,9 @@
 # The whole tiny-family recipe, one command: runs every stage in order, each resumable. Re-run it after an
 # interruption and it continues where it stopped (finished stages are skipped). Then exports the shipped models.
 #   FLUXKIT_RUNS=/path/to/runs scripts/train_tiny_family.sh [--tools]
-# (default runs dir: ./runs; --tools adds fill/canny/kontext; lengthen the stages in configs/tiny-*.toml where compute
-# allows: --resume continues a finished run to more steps). The shipped lineage (docs/model-card.md): base 6500 steps
-# on 8192 scenes -> tiny-dev-600 (600 steps of guidance distillation) -> tiny-base-cont (4000 more base steps from
+# (default runs dir: ./runs; --tools adds fill/canny/kontext/regional; lengthen the stages in configs/tiny-*.toml
+# where compute allows: --resume continues a finished run to more steps). The shipped lineage (docs/model-card.md):
+# base 6500 steps on 8192 scenes -> tiny-dev-600 (600 steps of guidance distillation) -> tiny-base-cont (4000 more base steps from
 # it on 24576 scenes) -> tiny-dev (2400 steps) -> tiny-schnell. About 5 h on 2 AVX2 cores in fp32 for the first
 # three, then ~2.5 h on 2 AVX512-BF16 cores for the rest.
 set -euo pipefail
@@ -36,7 +36,7 @@ for model in dev schnell; do
 done
 # The FLUX.1 tools variants (issue #6), fine-tuned from tiny-dev as control LoRAs (~1.2 MB each): only with --tools.
 if [[ "${1:-}" == "--tools" ]]; then
-    for stage in fill canny kontext; do
+    for stage in fill canny kontext regional; do
         [[ -f "$runs/tiny-$stage/done.json" ]] || \
         .venv/bin/fluxkit train "configs/tiny-$stage.toml" --threads "${THREADS:-2}" --runs-dir "$runs" --resume
         [[ -f "$runs/tiny-$stage/done.json" ]] || { echo "stage $stage stopped before finishing; re-run" >&2; exit 1; }

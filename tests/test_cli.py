@@ -169,4 +169,11 @@ def test_image_conditioning_flags(tiny_dev_folder, tmp_path):
     regional = tmp_path / "regional.png"
     assert main(["generate", "two shapes", "--width", "32", "--height", "32", "--region", f"{mask}:a red circle",
                  "-o", str(regional), *common]) == 0
+    for box in ("left", "0,0,0.5,1"):  # a named box or fractions: the same mask as the file, so the same image
+        named = tmp_path / f"regional-{box}.png"
+        assert main(["generate", "two shapes", "--width", "32", "--height", "32", "--region", f"{box}:a red circle",
+                     "-o", str(named), *common]) == 0
+        np.testing.assert_array_equal(np.asarray(Image.open(named)), np.asarray(Image.open(regional)))
+    assert main(["generate", "x", "--region", "leftish:a red circle", *common]) == 2
+    assert main(["generate", "x", "--region", "0.5,0,0.2,1:a red circle", *common]) == 2
     assert main(["generate", "x", "--strength", "0.5", *common]) == 2  # --strength needs --image

@@ -123,3 +123,19 @@ def test_regional_with_true_cfg_and_validation(pipe):
         RegionalPrompts("a red circle", [left])
     with pytest.raises(ValueError, match=r"masks\[0\] is 32x32"):
         pipe("a photo", conditioning=RegionalPrompts(["a"], [torch.zeros(32, 32)]), **KW)
+
+
+def test_box_masks_by_name_and_by_fractions():
+    from fluxkit.regional import NAMED_BOXES, box_mask
+
+    left, right = _halves(64)
+    assert torch.equal(box_mask("left", 64, 64), left) and torch.equal(box_mask("0.5,0,1,1", 64, 64), right)
+    third = box_mask("center-third", 96, 48)  # [H, W]
+    assert third.shape == (48, 96) and third[:, 32:64].all() and third.sum() == 48 * 32
+    corner = box_mask("bottom-right", 160, 96)
+    assert corner[48:, 80:].all() and corner.sum() == 48 * 80
+    assert all(box_mask(name, 128, 128).any() for name in NAMED_BOXES)
+    with pytest.raises(ValueError, match="one of .*x0,y0,x1,y1"):
+        box_mask("upper", 64, 64)
+    with pytest.raises(ValueError, match="0 <= x0 < x1 <= 1"):
+        box_mask("0.6,0,0.4,1", 64, 64)

@@ -133,6 +133,10 @@ def test_each_check_catches_its_own_mistake(items):
     scene, (a, b) = regional.expected, regional.expected.objects
     result = check_task(render(replace(scene, objects=(a,))).image, regional)  # the right region left empty
     assert result.checks == {"placed": False, "no_leak": True} and result.metrics["regions_held"] == 0.5
+    assert result.metrics["colours_held"] == 0.5
+    other = next(s for s in ("circle", "square", "triangle", "star") if s != b.shape)  # right colour, wrong shape
+    result = check_task(render(replace(scene, objects=(a, replace(b, shape=other)))).image, regional)
+    assert result.metrics == {"regions_held": 0.5, "colours_held": 1.0} and not result.passed
     rng = random.Random(0)
     for cell in ("top left", "left", "bottom left"):  # a copy of the right object in the left region
         try:

@@ -16,7 +16,8 @@ all derived from `fluxkit.data.scenes`) and one checker, `check_task(image, item
   AND the pixels outside the changed objects' dilated masks are preserved.
 - regional: two or three regions, each with a one-object prompt, plus a global prompt naming the background.
   Pass = each region holds its object (colour and shape, blob centre inside the region) AND no region holds
-  another region's object.
+  another region's object. Metrics: regions_held (share of regions holding their object) and colours_held (share
+  holding a blob of their object's colour, any shape: placement apart from drawing the shape).
 
 "Preserved" means a mean absolute difference (RGB, 0-255) from the source image of at most MAX_OUTSIDE_MAE.
 """
@@ -247,7 +248,10 @@ def _check_regional(image: np.ndarray, item: TaskItem) -> TaskResult:
     objects = {(r.colour, r.shape) for r in item.regions}
     leaked = any(r.holds(b) and (b.colour, b.shape) in objects - {(r.colour, r.shape)}
                  for r in item.regions for b in seg.blobs)
-    return TaskResult({"placed": all(owned), "no_leak": not leaked}, {"regions_held": float(np.mean(owned))})
+    # Placement alone, apart from drawing the shape: a blob of the region's colour (any shape) centred in it.
+    coloured = [any(r.holds(b) and b.colour == r.colour for b in seg.blobs) for r in item.regions]
+    return TaskResult({"placed": all(owned), "no_leak": not leaked},
+                      {"regions_held": float(np.mean(owned)), "colours_held": float(np.mean(coloured))})
 
 
 def check_task(image: np.ndarray | Image.Image, item: TaskItem) -> TaskResult:
