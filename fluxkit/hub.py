@@ -30,6 +30,7 @@ BUILTIN = {
     "fluxkit-tiny-fill": "tiny-fill",
     "fluxkit-tiny-canny": "tiny-canny",
     "fluxkit-tiny-kontext": "tiny-kontext",
+    "fluxkit-tiny-regional": "tiny-regional",  # regional prompts (fluxkit.regional), trained with the masks
 }
 DEFAULT_MODEL = "fluxkit-tiny-schnell"
 DIFFUSERS_PATTERNS = [

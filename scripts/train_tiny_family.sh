@@ -40,6 +40,10 @@ if [[ "${1:-}" == "--tools" ]]; then
         [[ -f "$runs/tiny-$stage/done.json" ]] || \
         .venv/bin/fluxkit train "configs/tiny-$stage.toml" --threads "${THREADS:-2}" --runs-dir "$runs" --resume
         [[ -f "$runs/tiny-$stage/done.json" ]] || { echo "stage $stage stopped before finishing; re-run" >&2; exit 1; }
+        if [[ $stage == regional ]]; then  # the shipped run: 1200 steps, then continued to 2400 (a warm restart)
+            .venv/bin/fluxkit train configs/tiny-regional.toml --threads "${THREADS:-2}" --runs-dir "$runs" --resume \
+                --set train.steps=2400 --set train.sample_every=600
+        fi
         .venv/bin/fluxkit train --export "$runs/tiny-$stage" --out "fluxkit/weights/tiny-$stage" --base ../tiny-dev
     done
 fi

@@ -1,8 +1,9 @@
-"""The shipped FLUX.1-tools variants (fluxkit-tiny-fill, -canny and -kontext): tiny-dev plus a LoRA. Each loads by name
-offline in its diffusers-named pipeline, and the adapter does its job, measured against the same pipeline with the
-adapter's weight set to 0 (tiny-dev ignoring the condition, or for Kontext given the context untrained): with it, Fill
-keeps the pixels outside the mask better, Canny's output edges overlap the control edges more, and Kontext keeps the
-unedited part of the picture better."""
+"""The shipped FLUX.1-tools variants (fluxkit-tiny-fill, -canny and -kontext) and fluxkit-tiny-regional: tiny-dev plus
+a LoRA. Each loads by name offline in its diffusers-named pipeline, and the adapter does its job, measured against the
+same pipeline with the adapter's weight set to 0 (tiny-dev ignoring the condition, or for Kontext and regional prompts
+given the condition untrained): with it, Fill keeps the pixels outside the mask better, Canny's output edges overlap
+the control edges more, Kontext keeps the unedited part of the picture better, and each region holds a blob of its
+prompt's colour more often."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ VARIANTS = {  # name -> (pipeline, eval task, img_in width, metric, better)
     "fluxkit-tiny-fill": ("FluxFillPipeline", "fill", 64 + 64 + 256, "outside_mae", "lower"),
     "fluxkit-tiny-canny": ("FluxControlPipeline", "control", 64 + 64, "edge_iou", "higher"),
     "fluxkit-tiny-kontext": ("FluxKontextPipeline", "edit", 64, "outside_mae", "lower"),
+    "fluxkit-tiny-regional": ("FluxPipeline", "regional", 64, "colours_held", "higher"),
 }
 
 
