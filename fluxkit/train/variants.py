@@ -1,10 +1,13 @@
-"""Stages `fill`, `canny` and `kontext`: fine-tune a finished transformer (e.g. tiny-dev) into the conditioned
-FLUX.1 tools variants, on scenes generated and encoded on the fly (fluxkit.train.variants_data).
+"""Stages `fill`, `canny`, `kontext` and `regional`: fine-tune a finished transformer (e.g. tiny-dev) into the
+conditioned FLUX.1 tools variants or for regional prompts, on scenes generated and encoded on the fly
+(fluxkit.train.variants_data).
 
 - fill (in_channels 384): noisy latents + masked-image latents + packed mask; target = the whole scene.
 - canny (in_channels 128): noisy latents + the edge map's latents; target = the scene.
 - kontext (in_channels 64): context tokens (the scene before an edit, ids (1, row, col)) appended along the sequence,
   the prediction cut back to the noise tokens; target = the scene after the edit, prompt = the instruction.
+- regional (in_channels 64): text [global; one prompt per region] under fluxkit.regional's joint attention mask;
+  target = a scene with one object in each region (fluxkit.data.regions).
 
 The loss is the base stage's rectified flow (logit-normal t + the sampler's shift, computed on the noise tokens), with
 a guidance-distilled init fed `guidance` (diffusers' LoRA trainers do the same). img_in is widened with zero columns,
@@ -348,7 +351,7 @@ class KontextTask(VariantTask):
 class RegionalTask(VariantTask):
     """Regional prompts (fluxkit.regional): the text is [global; region 1; ...; region R] under the hook's joint
     attention mask, the target a scene with each region's object inside its region. The init model was never trained
-    with masks: untouched, its image tokens draw the part of a centred object their region prompt would give."""
+    with masks: untouched, tiny-dev draws a small blob or nothing under them (docs/training.md, session 15)."""
 
     kind = "regional"
     scene_kinds = ("single",)  # only the sizes of the drawn scenes are used

@@ -1,5 +1,5 @@
-"""Training batches of the conditioned variants (fill, canny, kontext), from the scene generator, built exactly as
-the inference hooks in `fluxkit.conditioning` build the model input.
+"""Training batches of the conditioned variants (fill, canny, kontext, regional), from the scene generator, built
+exactly as the inference hooks in `fluxkit.conditioning` and `fluxkit.regional` build the model input.
 
 Two halves:
 1. Examples (numpy, PIL-free): per scene a target image, the image the hook takes (Fill: the scene and a mask;
@@ -212,7 +212,8 @@ class VariantBatch:
     would feed it, and the raw inputs the hook would be given (for sample grids and tests)."""
 
     flow: FlowBatch  # x0 [B, L, 64] = the targets' latents (posterior mean)
-    images: Tensor  # [B, 3, H, W] in [0, 1]: the hook's image input (fill: unmasked scene; canny: edges; kontext)
+    images: Tensor  # [B, 3, H, W] in [0, 1]: the hook's image input (fill: unmasked scene; canny: edges; kontext;
+    # regional: the region map, shown in sample grids)
     masks: Tensor | None  # [B, 1, H, W] in {0, 1}: fill's mask_image
     prompts: list[str]  # after caption dropout
     cond_seed: int | None  # seed of the generator that drew the condition's posterior sample (fill, canny)
