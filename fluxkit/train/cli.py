@@ -18,7 +18,7 @@ from .config import load_config
 
 def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", type=Path, help="stage config file (configs/tiny-{ae,cache,base,dev,schnell,"
-                   "fill,canny,kontext}.toml)")
+                   "fill,canny,kontext,regional}.toml)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run from its latest checkpoint (starts it if it has none)")
     p.add_argument("--runs-dir", type=Path, help="where run folders live (default: $FLUXKIT_RUNS or ./runs)")
@@ -38,7 +38,7 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ae-path", default="ae.safetensors",
                    help="with --export: autoencoder path relative to --out (share one: ../ae.safetensors)")
     p.add_argument("--base", metavar="DIR",
-                   help="with --export of a LoRA-mode variant run (fill/canny/kontext): the shipped base model folder "
+                   help="with --export of a LoRA-mode variant run (fill/canny/kontext/regional): the base model folder "
                         "relative to --out (e.g. ../tiny-dev); --out then holds the LoRA and points at the base files")
     p.add_argument("--name", help="with --export: the model's spec name (and a LoRA variant's adapter name) in the "
                                   "folder; default: the preset's name, or a LoRA variant run's config name")

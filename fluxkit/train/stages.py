@@ -1,4 +1,4 @@
-"""One entry point for every stage (ae, cache, base, dev, schnell and the fill / canny / kontext variants):
+"""One entry point for every stage (ae, cache, base, dev, schnell and the fill / canny / kontext / regional variants):
 `run_stage(cfg, runs_dir, ...)`, used by the CLI, torchrun and the tests."""
 
 from __future__ import annotations
