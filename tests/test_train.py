@@ -286,6 +286,18 @@ def test_ae_fine_tune_starts_from_init_and_adds_the_scale_equivariance_term(runs
         AETask(config("ae", f"ae.init={tmp_path / 'wrong.safetensors'}"), Dist(), runs)
 
 
+def test_every_config_in_the_repo_loads():
+    """The shipped recipe's configs (and the test ones) parse and pass every option check, e.g. a layout or mask kind
+    that does not exist."""
+    from fluxkit.train.config import STAGES
+
+    paths = sorted(CONFIGS.glob("*.toml"))
+    stages = {load_config(p, []).stage for p in paths}
+    assert stages == set(STAGES), stages  # every stage has a config
+    with pytest.raises(ValueError, match="regional.layouts must be a non-empty list"):
+        load_config(CONFIGS / "tiny-regional.toml", ['regional.layouts=["quadrants"]'])
+
+
 def test_config_errors_name_the_key():
     with pytest.raises(ValueError, match=r"\[train\] has unknown keys \['stepz'\]"):
         config("base", "train.stepz=3")
