@@ -281,7 +281,7 @@ def _conditioning(args, pipe, size: tuple[int, int]):
     """The conditioning hook the image flags ask for, or None for plain text-to-image; size = (height, width)."""
     from . import conditioning as cond
     from .control import DEPTH_MODEL, control_image
-    from .regional import RegionalPrompts, box_mask
+    from .regional import RegionalPrompts
 
     for flag, needs in (("mask", "image"), ("strength", "image"), ("outpaint", "image"), ("control", "control_image")):
         if getattr(args, flag) is not None and getattr(args, needs) is None:
@@ -312,12 +312,23 @@ def _conditioning(args, pipe, size: tuple[int, int]):
         pairs = [r.split(":", 1) for r in args.region]
         if any(len(p) != 2 or not p[1].strip() for p in pairs):
             raise ValueError(f"--region must be MASK:PROMPT, got {args.region}")
-        masks = [_open_image(Path(m), "--region").convert("L") if Path(m).is_file() else box_mask(m, size[1], size[0])
-                 for m, _ in pairs]
+        masks = [_region_mask(m, size) for m, _ in pairs]
         hooks.append(RegionalPrompts([p.strip() for _, p in pairs], masks))
     if not hooks:
         return None
     return hooks[0] if len(hooks) == 1 else cond.Compose(*hooks)
+
+
+def _region_mask(mask: str, size: tuple[int, int]):
+    """--region's MASK: an image file, a box name or x0,y0,x1,y1 fractions (fluxkit.regional.box_mask)."""
+    from .regional import NAMED_BOXES, box_mask
+
+    if Path(mask).is_file():
+        return _open_image(Path(mask), "--region").convert("L")
+    if mask in NAMED_BOXES or mask.count(",") == 3:
+        return box_mask(mask, size[1], size[0])
+    raise ValueError(f"--region mask {mask!r}: no such file, not a box name ({', '.join(NAMED_BOXES)}), not "
+                     "x0,y0,x1,y1 fractions")
 
 
 def _conditioning_params(args) -> dict:

@@ -175,5 +175,6 @@ def test_image_conditioning_flags(tiny_dev_folder, tmp_path):
                      "-o", str(named), *common]) == 0
         np.testing.assert_array_equal(np.asarray(Image.open(named)), np.asarray(Image.open(regional)))
     assert main(["generate", "x", "--region", "leftish:a red circle", *common]) == 2
+    assert main(["generate", "x", "--region", f"{tmp_path / 'missing.png'}:a red circle", *common]) == 2
     assert main(["generate", "x", "--region", "0.5,0,0.2,1:a red circle", *common]) == 2
     assert main(["generate", "x", "--strength", "0.5", *common]) == 2  # --strength needs --image
