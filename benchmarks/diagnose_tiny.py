@@ -4,6 +4,10 @@
     python -m benchmarks.diagnose_tiny latents --model fluxkit-tiny-dev      # what latent errors do to the decode
     python -m benchmarks.diagnose_tiny denoise --model runs/tiny-base/export # one-step denoising, in checker terms
     python -m benchmarks.diagnose_tiny context --model runs/tiny-kontext/export  # how much a Kontext model copies
+    python -m benchmarks.diagnose_tiny prior --model runs/tiny-base-cont/export  # where it puts things at pure noise
+    python -m benchmarks.diagnose_tiny synthetic      # can the architecture learn position words at all?
+
+`fluxkit eval --probe` is the product's general form of `words`: every attribute, scored as a paired choice.
 
 `words`: on single-object scenes at 128x128, the flow loss of the model's velocity against the true target
 (noise - x0) with the scene's own caption, and with the caption's shape word (then colour word) swapped for another
@@ -24,6 +28,17 @@ instruction as the prompt; tiny-kontext's training data, other seeds), the flow 
 with the context, without it, and of copying the context outright (velocity noise - context latents, whose loss
 does not depend on t). A model that uses the context well beats both the no-context loss and the copy at every t.
 `--out` writes the decoded one-step estimates x0 = x_t - t v at each t between the context and the target.
+
+`prior`: the model's estimate x0 = noise - v at t = 1 (pure noise: what it expects before it has seen any of the
+image), decoded, over --scenes noise draws, for prompts that differ only in a mirrored position word ("a large red
+square on the left" / "on the right", ...). Printed: where the red is (its centroid, as fractions of the width and
+height) and how much there is. A model that reads the position word moves the red to that side: x < 0.5 for "left".
+
+`synthetic`: a fresh transformer of the tiny preset's width (1 double + 2 single blocks) trained from scratch on a
+toy task where position is all there is: a bright block in one half of an otherwise flat 16x16 latent, captioned with
+MiniLM's states for "a large red square on the left" (right, at the top, at the bottom). Every 100 steps: the flow
+loss at t = 1 with the true caption and with the mirrored one. If the true caption's loss falls below the mirrored
+one's, the architecture (RoPE with text at position 0, joint attention) can bind position words to image positions.
 """
 
 from __future__ import annotations
@@ -204,6 +219,84 @@ def context_losses(pipe, n: int, times: tuple[float, ...], repeats: int, seed: i
     return out_rows
 
 
+MIRRORED_PAIRS = (("a large red square on the left", "a large red square on the right"),
+                  ("a large red square at the top", "a large red square at the bottom"),
+                  ("a large red square in the top left corner", "a large red square in the bottom right corner"))
+
+
+@torch.no_grad()
+def red_centroid(pipe, prompt: str, n: int, seed: int) -> tuple[float, float, float]:
+    """(x, y, mass) of red in the decoded t = 1 estimates x0 = noise - v over n noise draws: the centroid of the
+    redness R - (G + B) / 2 (clipped at 0) as fractions of the width and height, and its mean per pixel (0-255)."""
+    from fluxkit import sampling
+
+    model, length = pipe.transformer, pipe.spec.max_sequence_length
+    txt, vec = pipe.encode_prompt([prompt] * n, None, max_sequence_length=length)
+    noise = torch.randn(n, 64, 64, generator=torch.Generator().manual_seed(seed))  # [n, L, 64]: 8x8 tokens, 128x128
+    g = torch.full((n,), 1.0) if model.params.guidance_embed else None
+    v = model(noise, sampling.image_ids(n, 8, 8), txt, sampling.text_ids(n, length), torch.ones(n), vec, g)
+    images = (pipe.vae.decode(sampling.unpack(noise - v.float(), 16, 16)).clamp(-1, 1) + 1) * 127.5  # [n, 3, H, W]
+    red = (images[:, 0] - (images[:, 1] + images[:, 2]) / 2).clamp(min=0).mean(0)  # [H, W]
+    h, w = red.shape
+    total = red.sum()
+    x = float((red.sum(0) * (torch.arange(w) + 0.5)).sum() / total / w)
+    y = float((red.sum(1) * (torch.arange(h) + 0.5)).sum() / total / h)
+    return x, y, float(red.mean())
+
+
+def synthetic_position(steps: int, seed: int, log_every: int = 100) -> list[tuple[int, float, float]]:
+    """[(step, t=1 loss with the true caption, with the mirrored caption)] of the toy run (module docstring)."""
+    from dataclasses import replace
+
+    from fluxkit import FluxPipeline, sampling
+    from fluxkit.params import TINY_FLUX
+    from fluxkit.train.flow import init_flux
+
+    captions = [f"a large red square {w}" for w in ("on the left", "on the right", "at the top", "at the bottom")]
+    pipe = FluxPipeline.from_pretrained("fluxkit-tiny-dev", torch_dtype=torch.float32, device="cpu")
+    with torch.no_grad():
+        states, pooled = pipe.encode_prompt(captions, None, max_sequence_length=pipe.spec.max_sequence_length)
+    model = init_flux(replace(TINY_FLUX, guidance_embed=False, depth=1, depth_single_blocks=2), seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=4e-4)
+    halves = [(slice(4, 12), slice(0, 8)), (slice(4, 12), slice(8, 16)), (slice(0, 8), slice(4, 12)),
+              (slice(8, 16), slice(4, 12))]  # left, right, top, bottom of a 16x16 latent
+
+    def batch(where: Tensor) -> Tensor:
+        x = torch.full((len(where), 16, 16, 16), -0.5)
+        for i, k in enumerate(where.tolist()):
+            x[(i, slice(None), *halves[k])] = 1.0
+        return sampling.pack(x)  # [B, 64, 64]
+
+    def loss(where: Tensor, caption: Tensor, t: Tensor, gen: torch.Generator) -> Tensor:
+        x0 = batch(where)
+        noise = torch.randn(x0.shape, generator=gen)
+        x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
+        b = len(where)
+        v = model(x_t, sampling.image_ids(b, 8, 8), states[caption], sampling.text_ids(b, states.shape[1]), t,
+                  torch.zeros(b, pooled.shape[1]), None)  # no pooled vector: position can only come from the tokens
+        return (v.float() - (noise - x0)).square().mean()
+
+    gen, rows = torch.Generator().manual_seed(seed), []
+    probe_where = torch.arange(64) % 4
+    for step in range(steps + 1):
+        if step % log_every == 0:
+            with torch.no_grad():
+                ones = torch.ones(64)
+                true = loss(probe_where, probe_where, ones, torch.Generator().manual_seed(seed + 1))
+                mirrored = loss(probe_where, probe_where ^ 1, ones, torch.Generator().manual_seed(seed + 1))
+            rows.append((step, float(true), float(mirrored)))
+        if step == steps:
+            break
+        where = torch.randint(0, 4, (32,), generator=gen)
+        t = torch.sigmoid(torch.randn(32, generator=gen))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            total = loss(where, where, t, gen)
+        opt.zero_grad()
+        total.backward()
+        opt.step()
+    return rows
+
+
 def _print_rates(label: str, rows: dict) -> None:
     checks = [c for c in next(iter(rows.values())) if c != "pass"]
     print(f"{label:<22} {'pass':>6} " + " ".join(f"{c:>9}" for c in checks))
@@ -213,7 +306,7 @@ def _print_rates(label: str, rows: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("diagnostic", choices=("words", "latents", "denoise", "context"))
+    p.add_argument("diagnostic", choices=("words", "latents", "denoise", "context", "prior", "synthetic"))
     p.add_argument("--model", default="fluxkit-tiny-dev", help="built-in name or folder (a tiny-family model)")
     p.add_argument("--scenes", type=int, default=48, help="single-object scenes (context: edit pairs)")
     p.add_argument("--out", type=Path, help="context: write the x0-estimate grid here (PNG)")
@@ -224,11 +317,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ae", type=Path, help="latents: autoencoder weights replacing the model's own (e.g. an ae run "
                    "checkpoint's ema.safetensors; the model's scale and shift are kept)")
     p.add_argument("--seed", type=int, default=11, help="scene seed (the training caches use 0 and 2)")
+    p.add_argument("--steps", type=int, default=600, help="synthetic: training steps")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     from fluxkit import FluxPipeline
 
     torch.set_num_threads(args.threads)
+    if args.diagnostic == "synthetic":
+        print(f"{'step':>5} {'true caption':>13} {'mirrored':>9}   (flow loss at t = 1)")
+        for step, true, mirrored in synthetic_position(args.steps, args.seed):
+            print(f"{step:5d} {true:13.4f} {mirrored:9.4f}")
+        return 0
     pipe = FluxPipeline.from_pretrained(args.model, torch_dtype=torch.float32, device="cpu")
     if pipe.spec.text_encoder != "minilm":
         raise SystemExit(f"{args.model} is not a tiny-family model (text encoder {pipe.spec.text_encoder!r})")
@@ -236,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         from safetensors.torch import load_file
 
         pipe.vae.load_state_dict(load_file(args.ae), strict=True)
-    what = "edit pairs" if args.diagnostic == "context" else "single-object scenes"
+    what = {"context": "edit pairs", "prior": "noise draws"}.get(args.diagnostic, "single-object scenes")
     print(f"model {args.model}, {args.scenes} {what} (seed {args.seed}), 128x128")
     if args.diagnostic == "words":
         print(f"{'t':>5} {'right':>8} {'shape swapped':>15} {'colour swapped':>15}")
@@ -246,6 +345,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{t:5.2f} {right:8.4f} {cells[0]:>15} {cells[1]:>15}")
     elif args.diagnostic == "latents":
         _print_rates("latent", latent_checks(pipe, args.scenes, args.noise, args.seed))
+    elif args.diagnostic == "prior":
+        print(f"{'prompt':<48} {'red x':>6} {'red y':>6} {'redness':>8}")
+        for prompt in (p for pair in MIRRORED_PAIRS for p in pair):
+            x, y, mass = red_centroid(pipe, prompt, args.scenes, args.seed)
+            print(f"{prompt:<48} {x:6.3f} {y:6.3f} {mass:8.2f}")
     elif args.diagnostic == "context":
         rows = context_losses(pipe, args.scenes, tuple(args.times), args.repeats, args.seed, args.out)
         names = list(next(iter(rows.values())))

@@ -186,6 +186,27 @@ def test_diagnose_tiny_swaps_the_object_word_and_perturbs_latents_as_documented(
     assert not torch.allclose(blur3(z), z)
 
 
+def test_diagnose_tiny_synthetic_starts_blind_to_the_caption_and_learns():
+    from benchmarks.diagnose_tiny import synthetic_position
+
+    rows = synthetic_position(steps=20, seed=0, log_every=10)
+    assert [r[0] for r in rows] == [0, 10, 20]
+    assert rows[0][1] == rows[0][2]  # adaLN-Zero init: the output ignores the text, so both captions score alike
+    assert rows[-1][1] < rows[0][1]  # the loss falls
+
+
+def test_diagnose_tiny_prior_finds_red_where_the_estimate_puts_it(monkeypatch):
+    from benchmarks.diagnose_tiny import red_centroid
+    from fluxkit import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained("fluxkit-tiny-dev", torch_dtype=torch.float32, device="cpu")
+    red = torch.tensor([1.0, -1.0, -1.0])[:, None, None]
+    left = torch.where(torch.arange(128) < 32, 1.0, 0.0)[None, None, :] * red  # red in the left quarter, black elsewhere
+    monkeypatch.setattr(pipe.vae, "decode", lambda z: left.expand(len(z), 3, 128, 128) - (left == 0).float())
+    x, y, mass = red_centroid(pipe, "a large red square on the left", 2, seed=0)
+    assert x == pytest.approx(0.125, abs=0.01) and y == pytest.approx(0.5, abs=0.01) and mass > 0
+
+
 def test_diagnose_tiny_denoise_recovers_nearly_clean_scenes_and_not_pure_noise():
     from benchmarks.diagnose_tiny import denoise_checks
     from fluxkit import FluxPipeline

@@ -10,6 +10,7 @@ fluxkit eval --task regional --model fluxkit-tiny-dev --baseline-model fluxkit-t
 fluxkit eval --task edit --ground-truth
 fluxkit eval --task fill --model fluxkit-tiny-fill --adapter-weight 0   # the variant's base, ignoring the condition
 fluxkit eval --compare runs/eval-dev runs/eval-dev-q4   # paired: is B's pass rate different from A's, or noise?
+fluxkit eval --probe --model fluxkit-tiny-dev   # which caption attributes the model reads (no sampling)
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 
 TASKS = ("fill", "control", "edit", "regional")  # fluxkit.eval.tasks.TASKS, not imported here to keep --help fast
 TASK_ITEMS, QUICK_ITEMS = 32, 8
+PROBE_ITEMS, QUICK_PROBE_ITEMS = 64, 16  # fluxkit.eval.probe's, not imported here to keep --help fast
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
@@ -41,9 +43,11 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", type=Path, help="folder for results.json and grid.png")
     p.add_argument("--task", choices=TASKS, help="score a conditioned-generation task instead of the suite")
-    p.add_argument(
-        "--items", type=int, help=f"--task: items per seed (default {TASK_ITEMS}, {QUICK_ITEMS} with --quick)"
-    )
+    p.add_argument("--items", type=int, help=f"--task: items per seed (default {TASK_ITEMS}, {QUICK_ITEMS} with "
+                   f"--quick); --probe: items per attribute (default {PROBE_ITEMS}, {QUICK_PROBE_ITEMS} with --quick)")
+    p.add_argument("--probe", action="store_true",
+                   help="caption probe: per attribute, does the model's denoising error prefer the true caption over "
+                        "one with that attribute changed (chance 50%%); samples nothing; --guidance defaults to 1.0")
     p.add_argument("--baseline-model", help="--task control|regional: a text-to-image model run without the control "
                    "image / the region prompts (global prompt alone)")
     p.add_argument("--compare", nargs=2, type=Path, metavar=("A", "B"),
@@ -167,7 +171,7 @@ def run_compare(args) -> int:
     options = ("model", "transformer", "task", "quantize", "cache", "out", "steps", "guidance", "items",
                "baseline_model")
     given = [f"--{k.replace('_', '-')}" for k in options if getattr(args, k) is not None]
-    given += [f"--{k.replace('_', '-')}" for k in ("ground_truth", "through_ae", "quick") if getattr(args, k)]
+    given += [f"--{k.replace('_', '-')}" for k in ("ground_truth", "through_ae", "quick", "probe") if getattr(args, k)]
     if given:
         raise ValueError(f"--compare reads two finished runs and generates nothing; it takes no {', '.join(given)}")
     a, b = args.compare
@@ -175,9 +179,28 @@ def run_compare(args) -> int:
     return 0
 
 
+def run_probe(args) -> int:
+    from .probe import run_probe as probe
+
+    given = [f"--{k.replace('_', '-')}" for k in ("task", "steps", "cache", "baseline_model") if getattr(args, k)]
+    given += ["--ground-truth"] * args.ground_truth + ["--through-ae"] * args.through_ae
+    given += ["--true-cfg"] * (args.true_cfg != 1.0)
+    if given:
+        raise ValueError(f"--probe scores denoising errors and samples nothing; it takes no {', '.join(given)}")
+    n = args.items if args.items is not None else QUICK_PROBE_ITEMS if args.quick else PROBE_ITEMS
+    if n <= 0:
+        raise ValueError(f"--items must be positive, got {n}")
+    pipe = _model_under_test(args)
+    probe(pipe, n, args.out, seed=args.seeds[0], size=tuple(args.size),
+          guidance=1.0 if args.guidance is None else args.guidance, batch_size=args.batch_size)
+    return 0
+
+
 def run(args) -> int:
     if args.compare is not None:
         return run_compare(args)
+    if args.probe:
+        return run_probe(args)
     if args.task is not None:
         return run_task(args)
     if args.items is not None or args.baseline_model is not None:
