@@ -201,7 +201,7 @@ def test_diagnose_tiny_prior_finds_red_where_the_estimate_puts_it(monkeypatch):
 
     pipe = FluxPipeline.from_pretrained("fluxkit-tiny-dev", torch_dtype=torch.float32, device="cpu")
     red = torch.tensor([1.0, -1.0, -1.0])[:, None, None]
-    left = torch.where(torch.arange(128) < 32, 1.0, 0.0)[None, None, :] * red  # red in the left quarter, black elsewhere
+    left = torch.where(torch.arange(128) < 32, 1.0, 0.0)[None, None, :] * red  # red in the left quarter
     monkeypatch.setattr(pipe.vae, "decode", lambda z: left.expand(len(z), 3, 128, 128) - (left == 0).float())
     x, y, mass = red_centroid(pipe, "a large red square on the left", 2, seed=0)
     assert x == pytest.approx(0.125, abs=0.01) and y == pytest.approx(0.5, abs=0.01) and mass > 0
