@@ -105,8 +105,6 @@ def score_probe(pipe, items: list[ProbeItem], timesteps: tuple[float, ...] = TIM
     unguided, conditional prediction)."""
     import torch
 
-    from .. import sampling
-
     if not items:
         raise ValueError("score_probe needs at least one item")
     if any(not 0 < t <= 1 for t in timesteps) or draws < 1:
@@ -126,15 +124,17 @@ def score_probe(pipe, items: list[ProbeItem], timesteps: tuple[float, ...] = TIM
                 latents = vae.encode(pixels.to(weight.device, weight.dtype)).float()  # [B, 16, h, w]
             txt, vec = pipe.encode_prompt([it.caption for it in part] + [it.counterfactual for it in part])
             with pipe._placed("transformer"):
-                errors = _errors(model, latents, txt, vec, timesteps, draws, guidance, seed + start, sampling)
+                errors = _errors(model, latents, txt, vec, timesteps, draws, guidance, seed + start)
         for j, it in enumerate(part):
             results.append({"attribute": it.attribute, "caption": it.caption, "counterfactual": it.counterfactual,
                             "error_true": errors[0][j], "error_counterfactual": errors[1][j]})
     return results
 
 
-def _errors(model, latents, txt, vec, timesteps, draws, guidance, seed, sampling) -> tuple[list[float], list[float]]:
+def _errors(model, latents, txt, vec, timesteps, draws, guidance, seed) -> tuple[list[float], list[float]]:
     import torch
+
+    from .. import sampling
 
     batch, dev, dt = latents.shape[0], model.device, model.dtype
     h, w = latents.shape[-2:]
