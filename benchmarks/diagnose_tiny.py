@@ -244,57 +244,107 @@ def red_centroid(pipe, prompt: str, n: int, seed: int) -> tuple[float, float, fl
     return x, y, float(red.mean())
 
 
-def synthetic_position(steps: int, seed: int, log_every: int = 100) -> list[tuple[int, float, float]]:
-    """[(step, t=1 loss with the true caption, with the mirrored caption)] of the toy run (module docstring)."""
+SYNTHETIC_LATENTS = ("flat", "scenes")
+SYNTHETIC_CAPTIONS = ("fixed", "phrasing", "varied")
+_HALVES = ("left", "right", "top", "bottom")  # k ^ 1 mirrors: left <-> right, top <-> bottom
+
+
+def synthetic_position(steps: int, seed: int, log_every: int = 100, latents: str = "flat", captions: str = "fixed",
+                       blocks: tuple[int, int] = (1, 2), scenes: int = 1024) -> list[tuple[int, float, float]]:
+    """[(step, t=1 loss with the true caption, with the mirrored caption)] of a from-scratch run on a task where
+    position is what the caption adds (module docstring). Each scene puts one object in the left, right, top or
+    bottom half; the first 64 are held out and scored every `log_every` steps.
+
+    latents: "flat" = a bright block on a flat latent (the original toy); "scenes" = the autoencoder's latents of
+    rendered scenes with one large object at that position. captions: "fixed" = a large red square on white, one
+    phrasing per position ("a large red square on the left"); "phrasing" = the same scene, captioned in the
+    generator's many phrasings; "varied" = colour, shape and background drawn too (5, 4 and 3 of them), the caption
+    stating all of them as training captions do. ("flat" needs "fixed": its block has no colour or shape.)
+    blocks: (double, single) blocks of the tiny-width transformer (the shipped models have (3, 6))."""
     from dataclasses import replace
 
     from fluxkit import FluxPipeline, sampling
+    from fluxkit.data.captions import caption
+    from fluxkit.data.render import render
+    from fluxkit.data.scenes import Scene, make_object
     from fluxkit.params import TINY_FLUX
     from fluxkit.train.flow import init_flux
 
-    captions = [f"a large red square {w}" for w in ("on the left", "on the right", "at the top", "at the bottom")]
+    if latents not in SYNTHETIC_LATENTS or captions not in SYNTHETIC_CAPTIONS:
+        raise ValueError(f"latents must be one of {SYNTHETIC_LATENTS} and captions one of {SYNTHETIC_CAPTIONS}, "
+                         f"got {latents!r}, {captions!r}")
+    if latents == "flat" and captions != "fixed":
+        raise ValueError("flat latents have no colour, shape or background to caption: use captions='fixed'")
+    if scenes <= 64:
+        raise ValueError(f"scenes must exceed the 64 held-out ones, got {scenes}")
+    rng = random.Random(f"synthetic/{seed}")
+    where = torch.arange(scenes) % 4  # [N]: index into _HALVES
+    drawn = []
+    for k in where.tolist():
+        fixed = captions != "varied"
+        colour = "red" if fixed else rng.choice(("red", "green", "blue", "yellow", "purple"))
+        shape = "square" if fixed else rng.choice(SHAPES)
+        background = "white" if fixed else rng.choice(("white", "gray", "black"))
+        obj = make_object(rng, 128, 128, shape, colour, "large", _HALVES[k])
+        drawn.append(Scene("single", 128, 128, background, frozenset({"colour", "shape", "size", "position"}), (obj,)))
+
+    def text(scene: Scene, k: int, i: int) -> str:
+        if captions == "fixed":
+            return f"a large red square {('on the left', 'on the right', 'at the top', 'at the bottom')[k]}"
+        stated = scene.stated | {"background"} if captions == "varied" else scene.stated
+        moved = replace(scene, stated=stated, objects=(replace(scene.objects[0], position=_HALVES[k]),))
+        return caption(moved, random.Random(f"synthetic/{seed}/{i}"))  # one phrasing per scene, for both captions
+
     pipe = FluxPipeline.from_pretrained("fluxkit-tiny-dev", torch_dtype=torch.float32, device="cpu")
     with torch.no_grad():
-        states, pooled = pipe.encode_prompt(captions, None, max_sequence_length=pipe.spec.max_sequence_length)
-    model = init_flux(replace(TINY_FLUX, guidance_embed=False, depth=1, depth_single_blocks=2), seed)
+        length = pipe.spec.max_sequence_length
+        true_txt, true_vec = pipe.encode_prompt([text(sc, k, i) for i, (sc, k) in enumerate(zip(drawn, where.tolist(),
+                                                strict=True))], None, max_sequence_length=length)
+        mirror_txt, mirror_vec = pipe.encode_prompt([text(sc, k ^ 1, i) for i, (sc, k) in
+                                                     enumerate(zip(drawn, where.tolist(), strict=True))],
+                                                    None, max_sequence_length=length)
+        if latents == "scenes":
+            pixels = images_to_tensor([render(sc).image for sc in drawn])  # [N, 3, 128, 128]
+            x0_all = torch.cat([pipe.vae.encode(pixels[i : i + 64]) for i in range(0, scenes, 64)])  # [N, 16, 16, 16]
+        else:
+            blocks_at = [(slice(4, 12), slice(0, 8)), (slice(4, 12), slice(8, 16)), (slice(0, 8), slice(4, 12)),
+                         (slice(8, 16), slice(4, 12))]  # left, right, top, bottom of a 16x16 latent
+            x0_all = torch.full((scenes, 16, 16, 16), -0.5)
+            for i, k in enumerate(where.tolist()):
+                x0_all[(i, slice(None), *blocks_at[k])] = 1.0
+        x0_all = sampling.pack(x0_all)  # [N, 64, 64]
+    pooled = captions != "fixed" or latents != "flat"  # the original toy fed no pooled vector
+    model = init_flux(replace(TINY_FLUX, guidance_embed=False, depth=blocks[0], depth_single_blocks=blocks[1]), seed)
     opt = torch.optim.AdamW(model.parameters(), lr=4e-4)
-    halves = [(slice(4, 12), slice(0, 8)), (slice(4, 12), slice(8, 16)), (slice(0, 8), slice(4, 12)),
-              (slice(8, 16), slice(4, 12))]  # left, right, top, bottom of a 16x16 latent
 
-    def batch(where: Tensor) -> Tensor:
-        x = torch.full((len(where), 16, 16, 16), -0.5)
-        for i, k in enumerate(where.tolist()):
-            x[(i, slice(None), *halves[k])] = 1.0
-        return sampling.pack(x)  # [B, 64, 64]
-
-    def loss(where: Tensor, caption: Tensor, t: Tensor, gen: torch.Generator) -> Tensor:
-        x0 = batch(where)
+    def loss(rows: Tensor, txt: Tensor, vec: Tensor, t: Tensor, gen: torch.Generator) -> Tensor:
+        x0 = x0_all[rows]
         noise = torch.randn(x0.shape, generator=gen)
         x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
-        b = len(where)
-        v = model(x_t, sampling.image_ids(b, 8, 8), states[caption], sampling.text_ids(b, states.shape[1]), t,
-                  torch.zeros(b, pooled.shape[1]), None)  # no pooled vector: position can only come from the tokens
+        b = len(rows)
+        v = model(x_t, sampling.image_ids(b, 8, 8), txt[rows], sampling.text_ids(b, txt.shape[1]), t,
+                  vec[rows] if pooled else torch.zeros(b, vec.shape[1]), None)
         return (v.float() - (noise - x0)).square().mean()
 
-    gen, rows = torch.Generator().manual_seed(seed), []
-    probe_where = torch.arange(64) % 4
+    gen, out = torch.Generator().manual_seed(seed), []
+    held_out = torch.arange(64)
     for step in range(steps + 1):
         if step % log_every == 0:
             with torch.no_grad():
                 ones = torch.ones(64)
-                true = loss(probe_where, probe_where, ones, torch.Generator().manual_seed(seed + 1))
-                mirrored = loss(probe_where, probe_where ^ 1, ones, torch.Generator().manual_seed(seed + 1))
-            rows.append((step, float(true), float(mirrored)))
+                true = loss(held_out, true_txt, true_vec, ones, torch.Generator().manual_seed(seed + 1))
+                mirrored = loss(held_out, mirror_txt, mirror_vec, ones, torch.Generator().manual_seed(seed + 1))
+            out.append((step, float(true), float(mirrored)))
         if step == steps:
             break
-        where = torch.randint(0, 4, (32,), generator=gen)
+        rows = torch.randint(64, scenes, (32,), generator=gen)
         t = torch.sigmoid(torch.randn(32, generator=gen))
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            total = loss(where, where, t, gen)
+            total = loss(rows, true_txt, true_vec, t, gen)
         opt.zero_grad()
         total.backward()
         opt.step()
-    return rows
+    return out
 
 
 def _print_rates(label: str, rows: dict) -> None:
@@ -318,6 +368,10 @@ def main(argv: list[str] | None = None) -> int:
                    "checkpoint's ema.safetensors; the model's scale and shift are kept)")
     p.add_argument("--seed", type=int, default=11, help="scene seed (the training caches use 0 and 2)")
     p.add_argument("--steps", type=int, default=600, help="synthetic: training steps")
+    p.add_argument("--latents", choices=SYNTHETIC_LATENTS, default="flat", help="synthetic: toy blocks or scenes")
+    p.add_argument("--captions", choices=SYNTHETIC_CAPTIONS, default="fixed", help="synthetic: caption variety")
+    p.add_argument("--blocks", type=int, nargs=2, default=(1, 2), metavar=("DOUBLE", "SINGLE"),
+                   help="synthetic: transformer depth (the shipped models: 3 6)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     from fluxkit import FluxPipeline
@@ -325,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     if args.diagnostic == "synthetic":
         print(f"{'step':>5} {'true caption':>13} {'mirrored':>9}   (flow loss at t = 1)")
-        for step, true, mirrored in synthetic_position(args.steps, args.seed):
+        for step, true, mirrored in synthetic_position(args.steps, args.seed, latents=args.latents,
+                                                       captions=args.captions, blocks=tuple(args.blocks)):
             print(f"{step:5d} {true:13.4f} {mirrored:9.4f}")
         return 0
     pipe = FluxPipeline.from_pretrained(args.model, torch_dtype=torch.float32, device="cpu")

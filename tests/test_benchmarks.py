@@ -195,6 +195,19 @@ def test_diagnose_tiny_synthetic_starts_blind_to_the_caption_and_learns():
     assert rows[-1][1] < rows[0][1]  # the loss falls
 
 
+def test_diagnose_tiny_synthetic_on_scene_latents_with_varied_captions():
+    from benchmarks.diagnose_tiny import synthetic_position
+
+    rows = synthetic_position(steps=4, seed=0, log_every=4, latents="scenes", captions="varied", scenes=96)
+    assert [r[0] for r in rows] == [0, 4]
+    assert rows[0][1] == rows[0][2]  # the true and mirrored captions differ, the zero-init output does not
+    assert rows[-1][1] < rows[0][1]
+    with pytest.raises(ValueError, match="flat latents"):
+        synthetic_position(steps=1, seed=0, latents="flat", captions="varied")
+    with pytest.raises(ValueError, match="captions must be one of|latents must be one of"):
+        synthetic_position(steps=1, seed=0, captions="nope")
+
+
 def test_diagnose_tiny_prior_finds_red_where_the_estimate_puts_it(monkeypatch):
     from benchmarks.diagnose_tiny import red_centroid
     from fluxkit import FluxPipeline

@@ -73,6 +73,21 @@ def test_tiny_dev_reads_the_colour_it_is_told(tiny_dev):
     assert [r["error_counterfactual"] for r in back] == pytest.approx([r["error_true"] for r in results], rel=1e-3)
 
 
+def test_channel_gives_the_counterfactual_only_its_tokens_or_only_its_pooled_vector(tiny_dev):
+    items = build_probe("colour", 4)
+    both = score_probe(tiny_dev, items, timesteps=(0.8,), draws=1)
+    tokens = score_probe(tiny_dev, items, timesteps=(0.8,), draws=1, channel="tokens")
+    pooled = score_probe(tiny_dev, items, timesteps=(0.8,), draws=1, channel="pooled")
+    # the true caption's error does not depend on the channel; the counterfactual's does, and each half matters
+    for r in (tokens, pooled):
+        assert [x["error_true"] for x in r] == pytest.approx([x["error_true"] for x in both], rel=1e-3)
+    for r in (tokens, pooled):
+        assert [x["error_counterfactual"] for x in r] != pytest.approx([x["error_counterfactual"] for x in both],
+                                                                       rel=1e-3)
+    with pytest.raises(ValueError, match="channel"):
+        score_probe(tiny_dev, items, channel="vector")
+
+
 def test_cli_probe_writes_its_table(tmp_path, capsys):
     assert main(["eval", "--probe", "--items", "2", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
@@ -84,3 +99,5 @@ def test_cli_probe_writes_its_table(tmp_path, capsys):
 def test_cli_probe_rejects_sampling_options(capsys):
     assert main(["eval", "--probe", "--steps", "4"]) != 0
     assert "--probe" in capsys.readouterr().err
+    assert main(["eval", "--probe-channel", "tokens", "--quick"]) != 0
+    assert "--probe-channel needs --probe" in capsys.readouterr().err

@@ -201,6 +201,37 @@ def test_edge_weight_raises_the_loss_weight_of_outline_tokens_only(runs):
         config("base", "flow.edge_weight=-1")
 
 
+def test_object_weight_raises_the_loss_weight_of_tokens_inside_objects(runs):
+    import numpy as np
+
+    from fluxkit.data import SceneDataset
+    from fluxkit.data.render import render
+
+    task = BaseTask(config("base", "name=base-objects", "flow.object_weight=4"), Dist(), runs)
+    cache, meta = task.cache, task.cache.scenes
+    data = SceneDataset(meta["seed"], meta["n"], sizes=tuple(tuple(s) for s in meta["sizes"]), pairs=meta["pairs"])
+    checked = 0
+    for bucket in cache.buckets:
+        width, height = bucket.size
+        assert bucket.loss_weight.min() == 1.0 and bucket.loss_weight.max() <= 5.0
+        for row, i in enumerate(bucket.index.tolist()[:4]):
+            drawn = render(data[i].scene)
+            covered = np.zeros((height, width), bool)
+            for mask in (*drawn.masks, drawn.board_mask):
+                if mask is not None:
+                    covered |= mask
+            share = covered.reshape(height // 16, 16, width // 16, 16).mean(axis=(1, 3)).flatten()
+            assert torch.allclose(bucket.loss_weight[row], 1 + 4 * torch.from_numpy(share).float())
+            checked += 1
+    assert checked > 0
+    both = BaseTask(config("base", "name=base-both", "flow.object_weight=4", "flow.edge_weight=8"), Dist(), runs)
+    plain = [b.loss_weight for b in cache.buckets]
+    for bucket, objects_only in zip(both.cache.buckets, plain, strict=True):  # the two weightings add up
+        assert (bucket.loss_weight >= objects_only).all() and (bucket.loss_weight > objects_only).any()
+    with pytest.raises(ValueError, match="object_weight"):
+        config("base", "flow.object_weight=-1")
+
+
 def test_dev_student_starts_as_the_base_teacher(runs):
     task = DevTask(config("dev", "name=dev-init"), Dist(), runs)
     cache = task.cache

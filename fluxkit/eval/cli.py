@@ -48,6 +48,9 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--probe", action="store_true",
                    help="caption probe: per attribute, does the model's denoising error prefer the true caption over "
                         "one with that attribute changed (chance 50%%); samples nothing; --guidance defaults to 1.0")
+    p.add_argument("--probe-channel", choices=("both", "tokens", "pooled"), default="both",
+                   help="--probe: give the model the counterfactual's token states and pooled vector (both), or only "
+                        "its tokens, or only its pooled vector (the true caption's other half kept)")
     p.add_argument("--baseline-model", help="--task control|regional: a text-to-image model run without the control "
                    "image / the region prompts (global prompt alone)")
     p.add_argument("--compare", nargs=2, type=Path, metavar=("A", "B"),
@@ -192,7 +195,8 @@ def run_probe(args) -> int:
         raise ValueError(f"--items must be positive, got {n}")
     pipe = _model_under_test(args)
     probe(pipe, n, args.out, seed=args.seeds[0], size=tuple(args.size),
-          guidance=1.0 if args.guidance is None else args.guidance, batch_size=args.batch_size)
+          guidance=1.0 if args.guidance is None else args.guidance, batch_size=args.batch_size,
+          channel=args.probe_channel)
     return 0
 
 
@@ -201,6 +205,8 @@ def run(args) -> int:
         return run_compare(args)
     if args.probe:
         return run_probe(args)
+    if args.probe_channel != "both":
+        raise ValueError("--probe-channel needs --probe")
     if args.task is not None:
         return run_task(args)
     if args.items is not None or args.baseline_model is not None:

@@ -34,6 +34,7 @@ MIRROR = {"top left": "bottom right", "top right": "bottom left", "bottom left":
           "bottom right": "top left", "top": "bottom", "bottom": "top", "left": "right", "right": "left"}
 KIND_OF = {"colour": "single", "shape": "single", "size": "single", "position": "single", "background": "single",
            "relation": "relation", "count": "count"}
+CHANNELS = ("both", "tokens", "pooled")  # what of the counterfactual's encoding the model is given
 TIMESTEPS = (0.95, 0.8, 0.6, 0.4)  # noise levels scored; word choices show most at high noise, details lower
 PROBE_ITEMS, QUICK_PROBE_ITEMS = 64, 16
 
@@ -99,14 +100,18 @@ def build_probe(attribute: str, n: int, seed: int = 0, size: tuple[int, int] = (
 
 
 def score_probe(pipe, items: list[ProbeItem], timesteps: tuple[float, ...] = TIMESTEPS, draws: int = 2,
-                guidance: float = 1.0, batch_size: int = 16, seed: int = 0) -> list[dict]:
+                guidance: float = 1.0, batch_size: int = 16, seed: int = 0, channel: str = "both") -> list[dict]:
     """Per item: the summed squared velocity error under the true and the counterfactual caption, over `timesteps`
     x `draws` noise samples shared by both captions. A guidance-distilled model is fed `guidance` (1.0 = its
-    unguided, conditional prediction)."""
+    unguided, conditional prediction). `channel` says what of the counterfactual's encoding the model gets: "both",
+    or only its "tokens" (the true caption's pooled vector kept) or only its "pooled" vector (the true tokens
+    kept), which tells through which input (txt_in's sequence or vector_in's pooled vector) an attribute is read."""
     import torch
 
     if not items:
         raise ValueError("score_probe needs at least one item")
+    if channel not in CHANNELS:
+        raise ValueError(f"channel must be one of {CHANNELS}, got {channel!r}")
     if any(not 0 < t <= 1 for t in timesteps) or draws < 1:
         raise ValueError(f"timesteps must lie in (0, 1] and draws >= 1, got {timesteps}, {draws}")
     model, vae = pipe.transformer, pipe.vae
@@ -123,6 +128,11 @@ def score_probe(pipe, items: list[ProbeItem], timesteps: tuple[float, ...] = TIM
                 weight = next(vae.parameters())
                 latents = vae.encode(pixels.to(weight.device, weight.dtype)).float()  # [B, 16, h, w]
             txt, vec = pipe.encode_prompt([it.caption for it in part] + [it.counterfactual for it in part])
+            n = len(part)
+            if channel == "tokens":  # the counterfactual keeps the true pooled vector
+                vec = torch.cat((vec[:n], vec[:n]))
+            elif channel == "pooled":  # the counterfactual keeps the true token states
+                txt = torch.cat((txt[:n], txt[:n]))
             with pipe._placed("transformer"):
                 errors = _errors(model, latents, txt, vec, timesteps, draws, guidance, seed + start)
         for j, it in enumerate(part):
@@ -184,15 +194,17 @@ def format_probe(summary: dict) -> str:
 
 
 def run_probe(pipe, n: int, out: Path | None = None, attributes: tuple[str, ...] = ATTRIBUTES, seed: int = 0,
-              size: tuple[int, int] = (128, 128), guidance: float = 1.0, batch_size: int = 16) -> dict:
+              size: tuple[int, int] = (128, 128), guidance: float = 1.0, batch_size: int = 16,
+              channel: str = "both") -> dict:
     """Build, score and print the probe; with `out`, write probe.json (summary + items) there."""
     results = []
     for attribute in attributes:
         results += score_probe(pipe, build_probe(attribute, n, seed, size), guidance=guidance,
-                               batch_size=batch_size, seed=seed)
+                               batch_size=batch_size, seed=seed, channel=channel)
     summary = summarize(results)
     print(format_probe(summary))
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "probe.json", json.dumps({"summary": summary, "items": results}, indent=1))
+        atomic_write_text(out / "probe.json", json.dumps({"summary": summary, "channel": channel, "items": results},
+                                                         indent=1))
     return summary

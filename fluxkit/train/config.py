@@ -146,11 +146,15 @@ class FlowOptions:
     logit_std: float = 1.0
     edge_weight: float = 0.0  # > 0: each token's squared error weighs 1 + edge_weight * (share of its pixels on a
     # region edge of the rendered scene), so outlines, which decide shape and take few pixels, count more; 0 = plain
+    object_weight: float = 0.0  # > 0: adds object_weight * (share of the token's pixels inside an object or sign
+    # board), so where objects go, which decides the position words' share of the loss, counts more; 0 = plain
 
     def __post_init__(self) -> None:
-        if not 0 <= self.caption_dropout < 1 or self.logit_std <= 0 or self.edge_weight < 0:
-            raise ValueError(f"flow: need 0 <= caption_dropout < 1, logit_std > 0 and edge_weight >= 0, got "
-                             f"{self.caption_dropout}, {self.logit_std}, {self.edge_weight}")
+        if (not 0 <= self.caption_dropout < 1 or self.logit_std <= 0 or self.edge_weight < 0
+                or self.object_weight < 0):
+            raise ValueError(f"flow: need 0 <= caption_dropout < 1, logit_std > 0, edge_weight >= 0 and "
+                             f"object_weight >= 0, got {self.caption_dropout}, {self.logit_std}, {self.edge_weight}, "
+                             f"{self.object_weight}")
 
 
 @dataclass(frozen=True)

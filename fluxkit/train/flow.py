@@ -16,6 +16,7 @@ import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -66,16 +67,19 @@ class FlowBatch:
     vec: Tensor  # [B, 384]
     img_ids: Tensor  # [B, L, 3]
     txt_ids: Tensor  # [B, L_txt, 3]
-    weight: Tensor | None = None  # [B, L] per-token loss weights (`edge_weights`), or None: all equal
+    weight: Tensor | None = None  # [B, L] per-token loss weights (`token_weights`), or None: all equal
 
 
-def edge_weights(cache: LatentCache, strength: float, band: int = 1) -> None:
-    """Set each bucket's `loss_weight` [n, L] to 1 + strength * (share of the token's pixels on a region edge).
+def token_weights(cache: LatentCache, edge: float = 0.0, objects: float = 0.0, band: int = 1) -> None:
+    """Set each bucket's `loss_weight` [n, L] to 1 + edge * (share of the token's pixels on a region edge)
+    + objects * (share of its pixels covered by an object or a sign board).
 
     The scenes are rendered again from the cache's SceneDataset arguments (deterministic per index); a region edge is
     `RenderResult.edges` widened by `band` pixels. A token covers 16x16 pixels (8x autoencoder, 2x2 packing), so an
-    outline crossing it weighs about 1 + strength / 4. Masked losses of this kind are common in subject fine-tuning;
-    here they are aimed at outlines, which decide shape and take few pixels."""
+    outline crossing it weighs about 1 + edge / 4 and a token inside an object 1 + objects. Masked losses of this kind
+    are common in subject fine-tuning. Edges are aimed at outlines, which decide shape and take few pixels; objects at
+    placement: near pure noise most of the loss is the background's, and where an object goes (its position words)
+    changes only the few tokens it covers."""
     from scipy import ndimage
 
     from ..data.dataset import SceneDataset
@@ -83,21 +87,36 @@ def edge_weights(cache: LatentCache, strength: float, band: int = 1) -> None:
     from ..data.scenes import KINDS
 
     if cache.scenes is None:
-        raise ValueError("flow.edge_weight needs the cache's scene arguments (cache.json 'scenes'); rebuild the cache")
+        raise ValueError("flow.edge_weight and flow.object_weight need the cache's scene arguments (cache.json "
+                         "'scenes'); rebuild the cache")
     meta = cache.scenes
     data = SceneDataset(meta["seed"], meta["n"], sizes=tuple(tuple(s) for s in meta["sizes"]),
                         kinds=tuple(meta.get("kinds", KINDS)), pairs=meta["pairs"])
     patch = 16
+
+    def share(mask, width: int, height: int) -> Tensor:  # (H, W) bool -> [tokens], the packed row-major order
+        part = mask.reshape(height // patch, patch, width // patch, patch).mean(axis=(1, 3))
+        return torch.from_numpy(part.astype("float32")).flatten()
+
     for bucket in cache.buckets:
         width, height = bucket.size
         rows = []
         for i in bucket.index.tolist():
-            edges = render(data[i].scene).edges()  # (H, W) bool; the dataset's own render lacks the sign layers
-            if band:
-                edges = ndimage.binary_dilation(edges, iterations=band)
-            share = edges.reshape(height // patch, patch, width // patch, patch).mean(axis=(1, 3))  # (h/16, w/16)
-            rows.append(torch.from_numpy(share.astype("float32")).flatten())  # the packed tokens' row-major order
-        bucket.loss_weight = 1 + strength * torch.stack(rows)
+            drawn = render(data[i].scene)  # the dataset's own render lacks the sign layers
+            weight = torch.ones((height // patch) * (width // patch))
+            if edge:
+                edges = drawn.edges()
+                if band:
+                    edges = ndimage.binary_dilation(edges, iterations=band)
+                weight += edge * share(edges, width, height)
+            if objects:
+                covered = np.zeros(drawn.image.shape[:2], bool)
+                for mask in (*drawn.masks, drawn.board_mask):
+                    if mask is not None:
+                        covered |= mask
+                weight += objects * share(covered, width, height)
+            rows.append(weight)
+        bucket.loss_weight = torch.stack(rows)
 
 
 def draw_batch(cache: LatentCache, batch: int, gen: torch.Generator, dist: Dist, dropout: float = 0.0) -> FlowBatch:
@@ -218,8 +237,8 @@ class BaseTask(FlowTask):
             from .variants import load_init
 
             self.model.load_state_dict(load_init(runs_dir, self.opts.init, self.spec.flux, dist.device).state_dict())
-        if self.opts.edge_weight:
-            edge_weights(self.cache, self.opts.edge_weight)
+        if self.opts.edge_weight or self.opts.object_weight:
+            token_weights(self.cache, self.opts.edge_weight, self.opts.object_weight)
 
     def losses(self, net: nn.Module, step: int, gen: torch.Generator) -> dict[str, Tensor]:
         b = draw_batch(self.cache, self.cfg.train.batch_size, gen, self.dist, self.opts.caption_dropout)
