@@ -6,6 +6,7 @@
     python -m benchmarks.diagnose_tiny context --model runs/tiny-kontext/export  # how much a Kontext model copies
     python -m benchmarks.diagnose_tiny prior --model runs/tiny-base-cont/export  # where it puts things at pure noise
     python -m benchmarks.diagnose_tiny synthetic      # can the architecture learn position words at all?
+    python -m benchmarks.diagnose_tiny encoder        # how far apart MiniLM keeps two captions, layer by layer
 
 `fluxkit eval --probe` is the product's general form of `words`: every attribute, scored as a paired choice.
 
@@ -39,6 +40,11 @@ toy task where position is all there is: a bright block in one half of an otherw
 MiniLM's states for "a large red square on the left" (right, at the top, at the bottom). Every 100 steps: the flow
 loss at t = 1 with the true caption and with the mirrored one. If the true caption's loss falls below the mirrored
 one's, the architecture (RoPE with text at position 0, joint attention) can bind position words to image positions.
+
+`encoder`: for caption pairs that differ in one word (left / right, red / blue, ...), how far apart the frozen
+MiniLM keeps their token states after each layer (0 = the embeddings, 6 = the last, which the tiny models read): the
+largest distance over the real tokens, as a share of the mean token norm. A word the encoder barely separates from
+its opposite gives the transformer a small signal to learn from.
 """
 
 from __future__ import annotations
@@ -244,13 +250,51 @@ def red_centroid(pipe, prompt: str, n: int, seed: int) -> tuple[float, float, fl
     return x, y, float(red.mean())
 
 
+ENCODER_PAIRS = (("left / right", "a large red square on the left", "a large red square on the right"),
+                 ("top / bottom", "a large red square at the top", "a large red square at the bottom"),
+                 ("top left / bottom right", "a red circle in the top left corner",
+                  "a red circle in the bottom right corner"),
+                 ("above / below", "a red circle above a blue square", "a red circle below a blue square"),
+                 ("red / blue", "a large red square on the left", "a large blue square on the left"),
+                 ("square / circle", "a large red square on the left", "a large red circle on the left"),
+                 ("large / small", "a large red square on the left", "a small red square on the left"),
+                 ("two / three", "two red circles", "three red circles"))
+
+
+@torch.no_grad()
+def encoder_distances(pairs=ENCODER_PAIRS, length: int = 32) -> dict[str, list[float]]:
+    """{pair name: [distance after layer 0 (embeddings), 1, ..., last]} for MiniLM token states (module docstring)."""
+    from fluxkit.text import MiniLMEncoder
+
+    encoder = MiniLMEncoder.from_package(torch.float32)
+    model = encoder.model
+
+    def states(prompt: str) -> tuple[list[Tensor], Tensor]:
+        ids, mask, _ = encoder.tokenizer([prompt], length)
+        x = model.embeddings(ids)
+        key_bias = (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min  # as MiniLM.forward
+        out = [x[0]]
+        for layer in model.encoder.layer:
+            x = layer(x, key_bias)
+            out.append(x[0])
+        return out, mask[0].bool()
+
+    rows = {}
+    for name, a, b in pairs:
+        (xs, real), (ys, _) = states(a), states(b)
+        rows[name] = [float((x - y)[real].norm(dim=-1).max() / x[real].norm(dim=-1).mean()) for x, y in zip(xs, ys,
+                                                                                                         strict=True)]
+    return rows
+
+
 SYNTHETIC_LATENTS = ("flat", "scenes")
-SYNTHETIC_CAPTIONS = ("fixed", "phrasing", "varied")
+SYNTHETIC_CAPTIONS = ("fixed", "phrasing", "varied", "anchored", "curriculum")
 _HALVES = ("left", "right", "top", "bottom")  # k ^ 1 mirrors: left <-> right, top <-> bottom
 
 
 def synthetic_position(steps: int, seed: int, log_every: int = 100, latents: str = "flat", captions: str = "fixed",
-                       blocks: tuple[int, int] = (1, 2), scenes: int = 1024) -> list[tuple[int, float, float]]:
+                       blocks: tuple[int, int] = (1, 2), scenes: int = 1024, report=None,
+                       init: str | None = None) -> list[tuple[int, float, float]]:
     """[(step, t=1 loss with the true caption, with the mirrored caption)] of a from-scratch run on a task where
     position is what the caption adds (module docstring). Each scene puts one object in the left, right, top or
     bottom half; the first 64 are held out and scored every `log_every` steps.
@@ -259,8 +303,15 @@ def synthetic_position(steps: int, seed: int, log_every: int = 100, latents: str
     rendered scenes with one large object at that position. captions: "fixed" = a large red square on white, one
     phrasing per position ("a large red square on the left"); "phrasing" = the same scene, captioned in the
     generator's many phrasings; "varied" = colour, shape and background drawn too (5, 4 and 3 of them), the caption
-    stating all of them as training captions do. ("flat" needs "fixed": its block has no colour or shape.)
-    blocks: (double, single) blocks of the tiny-width transformer (the shipped models have (3, 6))."""
+    stating all of them as training captions do; "anchored" = varied, except that a quarter of the training scenes
+    (drawn at random, none held out) are the fixed red square on white, so that position words alone predict where
+    something appears in them; "curriculum" = the first half of the steps on fixed red squares on white (in the
+    generator's phrasings, background stated), the second half on varied scenes. ("flat" needs "fixed": its block
+    has no colour or shape.)
+    blocks: (double, single) blocks of the tiny-width transformer (the shipped models have (3, 6)).
+    report: called with each (step, true, mirrored) row as it is measured (long runs print as they go).
+    init: a tiny-family base model (built-in name or folder, no guidance input) whose transformer weights the run
+    starts from instead of a fresh init; `blocks` must then be its depth."""
     from dataclasses import replace
 
     from fluxkit import FluxPipeline, sampling
@@ -278,10 +329,14 @@ def synthetic_position(steps: int, seed: int, log_every: int = 100, latents: str
     if scenes <= 64:
         raise ValueError(f"scenes must exceed the 64 held-out ones, got {scenes}")
     rng = random.Random(f"synthetic/{seed}")
-    where = torch.arange(scenes) % 4  # [N]: index into _HALVES
+    # curriculum: after the `scenes` varied ones, as many fixed ones again, trained on for the first half of the steps
+    n_all = 2 * scenes - 64 if captions == "curriculum" else scenes
+    where = torch.arange(n_all) % 4  # [N]: index into _HALVES
     drawn = []
-    for k in where.tolist():
-        fixed = captions != "varied"
+    for i, k in enumerate(where.tolist()):
+        # anchored: a quarter of the training scenes (never the held-out ones) are the fixed red square on white
+        fixed = (captions in ("fixed", "phrasing") or (captions == "anchored" and i >= 64 and rng.random() < 0.25)
+                 or (captions == "curriculum" and i >= scenes))
         colour = "red" if fixed else rng.choice(("red", "green", "blue", "yellow", "purple"))
         shape = "square" if fixed else rng.choice(SHAPES)
         background = "white" if fixed else rng.choice(("white", "gray", "black"))
@@ -291,7 +346,7 @@ def synthetic_position(steps: int, seed: int, log_every: int = 100, latents: str
     def text(scene: Scene, k: int, i: int) -> str:
         if captions == "fixed":
             return f"a large red square {('on the left', 'on the right', 'at the top', 'at the bottom')[k]}"
-        stated = scene.stated | {"background"} if captions == "varied" else scene.stated
+        stated = scene.stated | {"background"} if captions in ("varied", "anchored", "curriculum") else scene.stated
         moved = replace(scene, stated=stated, objects=(replace(scene.objects[0], position=_HALVES[k]),))
         return caption(moved, random.Random(f"synthetic/{seed}/{i}"))  # one phrasing per scene, for both captions
 
@@ -305,7 +360,7 @@ def synthetic_position(steps: int, seed: int, log_every: int = 100, latents: str
                                                     None, max_sequence_length=length)
         if latents == "scenes":
             pixels = images_to_tensor([render(sc).image for sc in drawn])  # [N, 3, 128, 128]
-            x0_all = torch.cat([pipe.vae.encode(pixels[i : i + 64]) for i in range(0, scenes, 64)])  # [N, 16, 16, 16]
+            x0_all = torch.cat([pipe.vae.encode(pixels[i : i + 64]) for i in range(0, n_all, 64)])  # [N, 16, 16, 16]
         else:
             blocks_at = [(slice(4, 12), slice(0, 8)), (slice(4, 12), slice(8, 16)), (slice(0, 8), slice(4, 12)),
                          (slice(8, 16), slice(4, 12))]  # left, right, top, bottom of a 16x16 latent
@@ -315,6 +370,12 @@ def synthetic_position(steps: int, seed: int, log_every: int = 100, latents: str
         x0_all = sampling.pack(x0_all)  # [N, 64, 64]
     pooled = captions != "fixed" or latents != "flat"  # the original toy fed no pooled vector
     model = init_flux(replace(TINY_FLUX, guidance_embed=False, depth=blocks[0], depth_single_blocks=blocks[1]), seed)
+    if init is not None:
+        start = FluxPipeline.from_pretrained(init, torch_dtype=torch.float32, device="cpu").transformer
+        if start.params != model.params:
+            raise ValueError(f"init {init!r} is not a tiny base of depth {blocks} (guidance embedding, width or "
+                             f"depth differ): {start.params}")
+        model.load_state_dict(start.state_dict(), strict=True)
     opt = torch.optim.AdamW(model.parameters(), lr=4e-4)
 
     def loss(rows: Tensor, txt: Tensor, vec: Tensor, t: Tensor, gen: torch.Generator) -> Tensor:
@@ -335,9 +396,12 @@ def synthetic_position(steps: int, seed: int, log_every: int = 100, latents: str
                 true = loss(held_out, true_txt, true_vec, ones, torch.Generator().manual_seed(seed + 1))
                 mirrored = loss(held_out, mirror_txt, mirror_vec, ones, torch.Generator().manual_seed(seed + 1))
             out.append((step, float(true), float(mirrored)))
+            if report is not None:
+                report(*out[-1])
         if step == steps:
             break
-        rows = torch.randint(64, scenes, (32,), generator=gen)
+        first_half = captions == "curriculum" and step < steps // 2
+        rows = torch.randint(*((scenes, n_all) if first_half else (64, scenes)), (32,), generator=gen)
         t = torch.sigmoid(torch.randn(32, generator=gen))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             total = loss(rows, true_txt, true_vec, t, gen)
@@ -356,7 +420,7 @@ def _print_rates(label: str, rows: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("diagnostic", choices=("words", "latents", "denoise", "context", "prior", "synthetic"))
+    p.add_argument("diagnostic", choices=("words", "latents", "denoise", "context", "prior", "synthetic", "encoder"))
     p.add_argument("--model", default="fluxkit-tiny-dev", help="built-in name or folder (a tiny-family model)")
     p.add_argument("--scenes", type=int, default=48, help="single-object scenes (context: edit pairs)")
     p.add_argument("--out", type=Path, help="context: write the x0-estimate grid here (PNG)")
@@ -372,16 +436,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--captions", choices=SYNTHETIC_CAPTIONS, default="fixed", help="synthetic: caption variety")
     p.add_argument("--blocks", type=int, nargs=2, default=(1, 2), metavar=("DOUBLE", "SINGLE"),
                    help="synthetic: transformer depth (the shipped models: 3 6)")
+    p.add_argument("--init", help="synthetic: start from this tiny base model's transformer (name or folder)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     from fluxkit import FluxPipeline
 
     torch.set_num_threads(args.threads)
+    if args.diagnostic == "encoder":
+        rows = encoder_distances()
+        layers = len(next(iter(rows.values())))
+        print(f"{'captions differing in':<24} " + " ".join(f"{'layer ' + str(i):>8}" for i in range(layers)))
+        for name, row in rows.items():
+            print(f"{name:<24} " + " ".join(f"{d:8.3f}" for d in row))
+        return 0
     if args.diagnostic == "synthetic":
         print(f"{'step':>5} {'true caption':>13} {'mirrored':>9}   (flow loss at t = 1)")
-        for step, true, mirrored in synthetic_position(args.steps, args.seed, latents=args.latents,
-                                                       captions=args.captions, blocks=tuple(args.blocks)):
-            print(f"{step:5d} {true:13.4f} {mirrored:9.4f}")
+        synthetic_position(args.steps, args.seed, latents=args.latents, captions=args.captions,
+                           blocks=tuple(args.blocks), init=args.init,
+                           report=lambda step, true, mirrored: print(f"{step:5d} {true:13.4f} {mirrored:9.4f}",
+                                                                     flush=True))
         return 0
     pipe = FluxPipeline.from_pretrained(args.model, torch_dtype=torch.float32, device="cpu")
     if pipe.spec.text_encoder != "minilm":

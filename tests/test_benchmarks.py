@@ -202,6 +202,11 @@ def test_diagnose_tiny_synthetic_on_scene_latents_with_varied_captions():
     assert [r[0] for r in rows] == [0, 4]
     assert rows[0][1] == rows[0][2]  # the true and mirrored captions differ, the zero-init output does not
     assert rows[-1][1] < rows[0][1]
+    for captions in ("anchored", "curriculum"):  # the two schedules that fix the appearance in some scenes
+        reported: list[tuple] = []
+        rows = synthetic_position(steps=4, seed=0, log_every=2, latents="scenes", captions=captions, scenes=96,
+                                  report=lambda *row, out=reported: out.append(row))
+        assert reported == rows and rows[-1][1] < rows[0][1]
     with pytest.raises(ValueError, match="flat latents"):
         synthetic_position(steps=1, seed=0, latents="flat", captions="varied")
     with pytest.raises(ValueError, match="captions must be one of|latents must be one of"):
@@ -249,3 +254,31 @@ def test_diagnose_tiny_context_compares_a_kontext_prediction_with_no_context_and
     assert rows[0.9]["without context"] > rows[0.3]["without context"]  # more noise, less known
     grid = Image.open(tmp_path / "x0.png")
     assert grid.height > 4 * 128  # context, two estimates, target
+
+
+def test_diagnose_tiny_encoder_distances_end_at_the_states_the_models_read():
+    from benchmarks.diagnose_tiny import encoder_distances
+    from fluxkit.text import MiniLMEncoder
+
+    a, b = "a large red square on the left", "a large red square on the right"
+    rows = encoder_distances((("same", a, a), ("left / right", a, b)))
+    assert len(rows["same"]) == 7 and all(d == 0 for d in rows["same"])  # embeddings + 6 layers
+    assert all(d > 0 for d in rows["left / right"])
+    encoder = MiniLMEncoder.from_package(torch.float32)
+    seq, _ = encoder.encode([a, b], None, 32)  # what txt_in receives
+    real = encoder.tokenizer([a], 32)[1][0].bool()
+    x, y = seq[0][real], seq[1][real]
+    last = float((x - y).norm(dim=-1).max() / x.norm(dim=-1).mean())
+    assert rows["left / right"][-1] == pytest.approx(last, rel=1e-4)
+
+
+def test_diagnose_tiny_synthetic_can_start_from_a_trained_base():
+    from benchmarks.diagnose_tiny import synthetic_position
+
+    kwargs = dict(steps=0, seed=0, latents="scenes", captions="varied", scenes=96, blocks=(3, 6))
+    fresh = synthetic_position(**kwargs)[0]
+    trained = synthetic_position(**kwargs, init="fluxkit-tiny-schnell")[0]  # the shipped depth, no guidance input
+    assert trained[1] < 0.5 * fresh[1]  # its weights already draw the scenes' colours and backgrounds
+    assert trained[1] != trained[2]  # and read the caption, unlike the zero-initialised output
+    with pytest.raises(ValueError, match="not a tiny base"):
+        synthetic_position(**kwargs, init="fluxkit-tiny-dev")  # it has a guidance embedding

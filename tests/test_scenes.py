@@ -10,7 +10,7 @@ import pytest
 from scipy import ndimage
 
 from fluxkit.data import scenes
-from fluxkit.data.captions import caption
+from fluxkit.data.captions import POSITION_PHRASES, caption
 from fluxkit.data.dataset import SceneDataset
 from fluxkit.data.render import render
 from fluxkit.data.scenes import (
@@ -205,3 +205,38 @@ def test_invalid_scene_and_arguments_raise():
         sample_scene(np.random.default_rng(0), 128, 128)
     with pytest.raises(ValueError, match="stated"):
         Scene("single", 128, 128, "white", frozenset({"colour"}), _scenes(1, kinds=("single",))[0].objects)
+
+
+def test_curriculum_options_state_and_pin_what_they_name():
+    plain = _scenes(300, seed=4, kinds=("single", "count", "relation"))
+    stated = _scenes(300, seed=4, kinds=("single", "count", "relation"), state=frozenset({"position"}))
+    singles = [s for s in stated if s.kind == "single"]
+    assert singles and all("position" in s.stated for s in singles)
+    assert any("position" not in s.stated for s in plain if s.kind == "single")  # the default states it 70% of the time
+    assert all("position" not in s.stated for s in stated if s.kind != "single")  # other kinds cannot state it
+    for s in singles:  # and the caption says it
+        text = caption(s, random.Random(0))
+        assert any(phrase in text for phrase in POSITION_PHRASES[s.objects[0].position])
+    pin = {"colour": "red", "shape": "square", "size": "large", "background": "white"}
+    pinned = _scenes(200, seed=5, kinds=("single", "count", "relation"), pin=pin)
+    for s in pinned:
+        first = s.objects[0]
+        assert (first.colour, first.shape, s.background) == ("red", "square", "white")
+        assert first.size == "large" or s.kind != "single"  # counts of three and cramped relations shrink
+    assert {s.objects[0].position for s in pinned if s.kind == "single"} == set(POSITIONS)
+    white = _scenes(100, seed=6, kinds=("single",), pin={"colour": "white"})  # a clashing background is redrawn
+    assert all(s.objects[0].colour == "white" and s.background != "white" for s in white)
+
+
+@pytest.mark.parametrize(("pin", "state", "message"), [
+    ({"texture": "dots"}, (), "unknown attributes"),
+    ({"colour": "teal"}, (), "colour must be one of"),
+    ({"colour": "pink", "shape": "square"}, (), "no drawable"),  # a held-out pair
+    ({"colour": "white", "background": "white"}, (), "no drawable"),
+    ({}, ("colour",), "cannot be stated optionally"),
+])
+def test_curriculum_options_refuse_what_cannot_be_drawn(pin, state, message):
+    with pytest.raises(ValueError, match=message):
+        sample_scene(random.Random(0), 128, 128, ("single",), state=frozenset(state), pin=pin)
+    with pytest.raises(ValueError, match=message):
+        SceneDataset(0, 4, state=state, pin=pin)[0]

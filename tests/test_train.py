@@ -161,6 +161,32 @@ def test_cache_kinds_weight_the_scene_mix(runs, tmp_path):
         config("cache", 'data.kinds=["single", "blob"]')
 
 
+def test_cache_curriculum_states_and_pins_its_scenes(runs, tmp_path):
+    import shutil
+
+    shutil.copytree(runs / "test-ae", tmp_path / "test-ae")
+    cfg = config("cache", "name=pinned", "data.n=16", 'data.kinds=["single"]', 'data.state=["position"]',
+                 'data.pin={colour = "red", shape = "square"}')
+    assert run_stage(cfg, tmp_path, quiet=True).finished
+    captions = [c for b in LatentCache.load(tmp_path / "pinned").buckets for c in b.captions]
+    assert len(captions) == 16 and all("red" in c and "square" in c for c in captions)
+    scenes = json.loads((tmp_path / "pinned" / "cache.json").read_text())["scenes"]
+    assert scenes["state"] == ["position"] and scenes["pin"] == {"colour": "red", "shape": "square"}
+    # a base run re-renders the cache's scenes for its loss weights: it must draw the pinned ones
+    task = BaseTask(config("base", "name=b", "flow.cache=pinned", "flow.object_weight=4"), Dist(), tmp_path)
+    from fluxkit.data import SceneDataset
+
+    data = SceneDataset(scenes["seed"], scenes["n"], sizes=tuple(tuple(s) for s in scenes["sizes"]),
+                        kinds=("single",), state=("position",), pin=scenes["pin"])
+    for bucket in task.cache.buckets:
+        i = int(bucket.index[0])
+        assert torch.allclose(bucket.loss_weight[0], 1 + 4 * _object_share(data[i].scene))
+    with pytest.raises(ValueError, match="data.state"):
+        config("cache", 'data.state=["colour"]')
+    with pytest.raises(ValueError, match="data.pin: colour must be one of"):
+        config("cache", 'data.pin={colour = "teal"}')
+
+
 def test_base_init_continues_from_another_runs_ema(runs):
     task = BaseTask(config("base", "name=base-continued", "flow.init=test-base"), Dist(), runs)
     ema = load_file(runs / "test-base" / "checkpoints" / "step-00000003" / "ema.safetensors")
@@ -201,11 +227,23 @@ def test_edge_weight_raises_the_loss_weight_of_outline_tokens_only(runs):
         config("base", "flow.edge_weight=-1")
 
 
-def test_object_weight_raises_the_loss_weight_of_tokens_inside_objects(runs):
+def _object_share(scene) -> torch.Tensor:
+    """[tokens]: the share of each 16x16 pixel block inside an object or sign board."""
     import numpy as np
 
-    from fluxkit.data import SceneDataset
     from fluxkit.data.render import render
+
+    drawn = render(scene)
+    covered = np.zeros((scene.height, scene.width), bool)
+    for mask in (*drawn.masks, drawn.board_mask):
+        if mask is not None:
+            covered |= mask
+    share = covered.reshape(scene.height // 16, 16, scene.width // 16, 16).mean(axis=(1, 3)).flatten()
+    return torch.from_numpy(share).float()
+
+
+def test_object_weight_raises_the_loss_weight_of_tokens_inside_objects(runs):
+    from fluxkit.data import SceneDataset
 
     task = BaseTask(config("base", "name=base-objects", "flow.object_weight=4"), Dist(), runs)
     cache, meta = task.cache, task.cache.scenes
@@ -215,13 +253,7 @@ def test_object_weight_raises_the_loss_weight_of_tokens_inside_objects(runs):
         width, height = bucket.size
         assert bucket.loss_weight.min() == 1.0 and bucket.loss_weight.max() <= 5.0
         for row, i in enumerate(bucket.index.tolist()[:4]):
-            drawn = render(data[i].scene)
-            covered = np.zeros((height, width), bool)
-            for mask in (*drawn.masks, drawn.board_mask):
-                if mask is not None:
-                    covered |= mask
-            share = covered.reshape(height // 16, 16, width // 16, 16).mean(axis=(1, 3)).flatten()
-            assert torch.allclose(bucket.loss_weight[row], 1 + 4 * torch.from_numpy(share).float())
+            assert torch.allclose(bucket.loss_weight[row], 1 + 4 * _object_share(data[i].scene))
             checked += 1
     assert checked > 0
     both = BaseTask(config("base", "name=base-both", "flow.object_weight=4", "flow.edge_weight=8"), Dist(), runs)

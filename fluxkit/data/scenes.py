@@ -274,10 +274,38 @@ def _optional(rng: random.Random, kind: str, odds: dict[str, float]) -> frozense
     return frozenset(required | {a for a in sorted(optional) if rng.random() < odds[a]})
 
 
+PINNABLE = ("colour", "shape", "size", "background")  # what `sample_scene(pin=...)` can fix
+OPTIONAL_ATTRIBUTES = frozenset().union(*(optional for _, optional in STATABLE.values()))
+
+
+def check_pin(pin: dict[str, str], pairs: str = "train") -> None:
+    """ValueError naming the problem unless `pin` fixes a drawable appearance (see `sample_scene`)."""
+    unknown = sorted(set(pin) - set(PINNABLE))
+    if unknown:
+        raise ValueError(f"pin: unknown attributes {unknown}; pinnable: {list(PINNABLE)}")
+    for name, values in (("colour", COLOURS), ("shape", SHAPES), ("size", SIZES), ("background", BACKGROUNDS)):
+        if name in pin and pin[name] not in values:
+            raise ValueError(f"pin: {name} must be one of {list(values)}, got {pin[name]!r}")
+    backgrounds = [pin["background"]] if "background" in pin else list(BACKGROUNDS)
+    if not any(_pinned_pairs(pairs, b, pin) for b in backgrounds):
+        raise ValueError(f"pin: no drawable (colour, shape) matches {pin} with pairs={pairs!r} (held-out pair, or "
+                         "a colour too close to the background)")
+
+
+def _pinned_pairs(pairs: str, background: str, pin: dict[str, str]) -> list[tuple[str, str]]:
+    return [(c, s) for c, s in allowed_pairs(pairs, background)
+            if pin.get("colour", c) == c and pin.get("shape", s) == s]
+
+
 def sample_scene(rng: random.Random, width: int, height: int, kinds: tuple[str, ...] = KINDS,
-                 pairs: str = "train") -> Scene:
+                 pairs: str = "train", state: frozenset[str] = frozenset(), pin: dict[str, str] | None = None) -> Scene:
     """A random scene of a kind drawn uniformly from `kinds` (repeat a kind to weight it). `pairs="train"` never
-    draws a HELD_OUT_PAIRS (colour, shape), "held_out" draws only them, "any" draws both."""
+    draws a HELD_OUT_PAIRS (colour, shape), "held_out" draws only them, "any" draws both.
+
+    For training curricula: `state` names optional attributes (size, position, background) every caption states
+    where its kind can state them; `pin` fixes the (first) object's colour, shape, size and the background to one
+    value each (a background that clashes with the pinned colour is drawn again). Both off draw exactly what they
+    drew before the options existed."""
     if not isinstance(rng, random.Random):
         raise ValueError(f"rng must be a random.Random, got {type(rng).__name__}")
     if not kinds or any(k not in KINDS for k in kinds):
@@ -286,15 +314,27 @@ def sample_scene(rng: random.Random, width: int, height: int, kinds: tuple[str, 
         raise ValueError(f"pairs must be one of {PAIR_MODES}, got {pairs!r}")
     if pairs == "held_out" and "sign" in kinds:
         raise ValueError("pairs='held_out' applies to object scenes; remove 'sign' from kinds")
+    if not set(state) <= OPTIONAL_ATTRIBUTES:
+        raise ValueError(f"state: {sorted(set(state) - OPTIONAL_ATTRIBUTES)} cannot be stated optionally; "
+                         f"choose from {sorted(OPTIONAL_ATTRIBUTES)}")
+    pin = pin or {}
+    if pin:
+        check_pin(pin, pairs)
     kind = rng.choice(kinds)
     background = rng.choice(tuple(BACKGROUNDS))
-    stated = _optional(rng, kind, {"size": 0.6, "position": 0.7, "background": 0.5})
+    stated = _optional(rng, kind, {"size": 0.6, "position": 0.7, "background": 0.5}) | (set(state) &
+                                                                                        STATABLE[kind][1])
     if kind == "sign":
         text = rng.choice(WORDS) if rng.random() < 0.6 else random_sign_text(rng, rng.randint(2, 5))
         return Scene(kind, width, height, background, stated, sign=make_sign(rng, width, height, text, background))
+    background = pin.get("background", background)
+    while not _pinned_pairs(pairs, background, pin):  # check_pin guarantees some background works
+        background = rng.choice(tuple(BACKGROUNDS))
     choices = allowed_pairs(pairs, background)
     colour, shape = rng.choice(choices)
-    size = rng.choice(tuple(SIZES))
+    if pin.keys() & {"colour", "shape"}:
+        colour, shape = rng.choice(_pinned_pairs(pairs, background, pin))
+    size = pin.get("size", rng.choice(tuple(SIZES)))
     if kind == "single":
         obj = make_object(rng, width, height, shape, colour, size, rng.choice(POSITIONS))
         return Scene(kind, width, height, background, stated, (obj,))

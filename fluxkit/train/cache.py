@@ -88,7 +88,8 @@ def build_cache(cfg: TrainConfig, run: RunFolder, dist: Dist, runs_dir: Path, *,
     # bf16: MiniLM held in bf16 as the pipeline holds it on bf16-fast devices, so training sees inference's embeddings.
     bf16 = cfg.train.bf16
     encoder = MiniLMEncoder.from_package(dtype=torch.bfloat16 if bf16 else None).to(dist.device)
-    data = SceneDataset(cfg.data.seed, cfg.data.n, sizes=cfg.data.sizes, kinds=cfg.data.kinds, pairs="train")
+    data = SceneDataset(cfg.data.seed, cfg.data.n, sizes=cfg.data.sizes, kinds=cfg.data.kinds, pairs="train",
+                        state=cfg.data.state, pin=cfg.data.pin)
     n_chunks = math.ceil(cfg.data.n / opts.chunk_size)
     (run.root / "chunks").mkdir(exist_ok=True)
     deadline = time.monotonic() + 60 * max_minutes if max_minutes is not None else math.inf
@@ -113,7 +114,7 @@ def build_cache(cfg: TrainConfig, run: RunFolder, dist: Dist, runs_dir: Path, *,
     if complete and dist.is_main:
         _write_prompts(run.root, encoder, [""] + list(opts.prompts), spec.max_sequence_length)
         meta = {"scenes": {"seed": cfg.data.seed, "n": cfg.data.n, "sizes": cfg.data.sizes, "kinds": cfg.data.kinds,
-                           "pairs": "train"},
+                           "pairs": "train", "state": list(cfg.data.state), "pin": cfg.data.pin},
                 "chunks": n_chunks, "ae": os.path.relpath(ae_root, run.root),
                 "ae_params": json.loads((ae_root / AE_META).read_text())["params"],
                 "text_encoder": "minilm", "max_sequence_length": spec.max_sequence_length}

@@ -6,7 +6,8 @@ A config names its stage, run, seed and model preset, then one table per concern
     name = "tiny-base"          # run folder under the runs dir
     seed = 0
     [model]   preset = "tiny-base"   (+ optional [model.flux] / [model.ae] field overrides, for test-sized nets)
-    [data]    scenes: seed, n, sizes ([width, height] pairs, as fluxkit.data), kinds (the cache's scene mix)
+    [data]    scenes: seed, n, sizes ([width, height] pairs, as fluxkit.data), kinds (the cache's scene mix),
+              state and pin (curricula: attributes always stated, attributes fixed to one value)
     [optim]   AdamW and the LR schedule
     [train]   steps, batch size, EMA, bf16, checkpoint / sample / plot intervals
     [sample]  what the sample grids show
@@ -25,7 +26,7 @@ import typing
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-from ..data.scenes import KINDS
+from ..data.scenes import KINDS, OPTIONAL_ATTRIBUTES, check_pin
 from ..params import ModelSpec, preset
 
 STAGES = ("ae", "cache", "base", "dev", "schnell", "fill", "canny", "kontext", "regional")
@@ -44,12 +45,24 @@ class DataConfig:
     n: int = 1_000_000  # scenes to draw from (the ae stage renders on the fly; cache encodes all n)
     sizes: tuple[tuple[int, int], ...] = ((128, 128), (160, 96), (96, 160))  # (width, height)
     kinds: tuple[str, ...] = KINDS  # scene kinds, drawn uniformly per scene: repeat one to weight it (cache stage)
+    # Curricula (cache stage): optional attributes every caption states ("position", "size", "background") and
+    # attributes pinned to one value ({colour = "red", shape = "square", size = "large", background = "white"}).
+    state: tuple[str, ...] = ()
+    pin: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.kinds or any(k not in KINDS for k in self.kinds):
             raise ValueError(f"data.kinds must be a non-empty list from {KINDS}, got {self.kinds!r}")
         if self.n < 1:
             raise ValueError(f"data.n must be >= 1, got {self.n}")
+        if not set(self.state) <= OPTIONAL_ATTRIBUTES:
+            raise ValueError(f"data.state: {sorted(set(self.state) - OPTIONAL_ATTRIBUTES)} cannot be stated "
+                             f"optionally; choose from {sorted(OPTIONAL_ATTRIBUTES)}")
+        if self.pin:
+            try:
+                check_pin(self.pin)
+            except ValueError as e:
+                raise ValueError(f"data.{e}") from None
         if not self.sizes or any(len(s) != 2 or s[0] % 16 or s[1] % 16 or min(s) <= 0 for s in self.sizes):
             raise ValueError(f"data.sizes must be [width, height] pairs of positive multiples of 16, got {self.sizes}")
 

@@ -91,7 +91,8 @@ def token_weights(cache: LatentCache, edge: float = 0.0, objects: float = 0.0, b
                          "'scenes'); rebuild the cache")
     meta = cache.scenes
     data = SceneDataset(meta["seed"], meta["n"], sizes=tuple(tuple(s) for s in meta["sizes"]),
-                        kinds=tuple(meta.get("kinds", KINDS)), pairs=meta["pairs"])
+                        kinds=tuple(meta.get("kinds", KINDS)), pairs=meta["pairs"], state=tuple(meta.get("state", ())),
+                        pin=meta.get("pin"))
     patch = 16
 
     def share(mask, width: int, height: int) -> Tensor:  # (H, W) bool -> [tokens], the packed row-major order
