@@ -40,6 +40,8 @@ toy task where position is all there is: a bright block in one half of an otherw
 MiniLM's states for "a large red square on the left" (right, at the top, at the bottom). Every 100 steps: the flow
 loss at t = 1 with the true caption and with the mirrored one. If the true caption's loss falls below the mirrored
 one's, the architecture (RoPE with text at position 0, joint attention) can bind position words to image positions.
+`--train-scenes` sets how many scenes are drawn (default 1024; the first 64 held out, the rest trained on and
+repeated): how often each scene comes back decides whether the varied captions' position words are learned.
 
 `encoder`: for caption pairs that differ in one word (left / right, red / blue, ...), how far apart the frozen
 MiniLM keeps their token states after each layer (0 = the embeddings, 6 = the last, which the tiny models read): the
@@ -434,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=600, help="synthetic: training steps")
     p.add_argument("--latents", choices=SYNTHETIC_LATENTS, default="flat", help="synthetic: toy blocks or scenes")
     p.add_argument("--captions", choices=SYNTHETIC_CAPTIONS, default="fixed", help="synthetic: caption variety")
+    p.add_argument("--train-scenes", type=int, default=1024,
+                   help="synthetic: scenes drawn, the first 64 held out (the rest are trained on, repeated)")
     p.add_argument("--blocks", type=int, nargs=2, default=(1, 2), metavar=("DOUBLE", "SINGLE"),
                    help="synthetic: transformer depth (the shipped models: 3 6)")
     p.add_argument("--init", help="synthetic: start from this tiny base model's transformer (name or folder)")
@@ -452,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.diagnostic == "synthetic":
         print(f"{'step':>5} {'true caption':>13} {'mirrored':>9}   (flow loss at t = 1)")
         synthetic_position(args.steps, args.seed, latents=args.latents, captions=args.captions,
-                           blocks=tuple(args.blocks), init=args.init,
+                           blocks=tuple(args.blocks), init=args.init, scenes=args.train_scenes,
                            report=lambda step, true, mirrored: print(f"{step:5d} {true:13.4f} {mirrored:9.4f}",
                                                                      flush=True))
         return 0

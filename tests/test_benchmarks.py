@@ -272,6 +272,18 @@ def test_diagnose_tiny_encoder_distances_end_at_the_states_the_models_read():
     assert rows["left / right"][-1] == pytest.approx(last, rel=1e-4)
 
 
+def test_diagnose_tiny_synthetic_cli_draws_the_scenes_it_is_told(capsys):
+    from benchmarks.diagnose_tiny import main
+
+    args = ["synthetic", "--latents", "scenes", "--captions", "varied", "--blocks", "1", "2", "--steps", "1"]
+    with pytest.raises(ValueError, match="must exceed the 64 held-out"):
+        main([*args, "--train-scenes", "64"])
+    capsys.readouterr()
+    assert main([*args, "--train-scenes", "80"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert len(rows) == 1 and rows[0][0] == "0" and rows[0][1] == rows[0][2]  # step 0: zero-init output
+
+
 def test_diagnose_tiny_synthetic_can_start_from_a_trained_base():
     from benchmarks.diagnose_tiny import synthetic_position
 
