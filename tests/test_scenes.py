@@ -226,11 +226,21 @@ def test_curriculum_options_state_and_pin_what_they_name():
     assert {s.objects[0].position for s in pinned if s.kind == "single"} == set(POSITIONS)
     white = _scenes(100, seed=6, kinds=("single",), pin={"colour": "white"})  # a clashing background is redrawn
     assert all(s.objects[0].colour == "white" and s.background != "white" for s in white)
+    # lists: each scene draws from the values listed (a single object's position too); the toy's four halves
+    halves = ["left", "right", "top", "bottom"]
+    listed = _scenes(200, seed=7, kinds=("single",), pin={"size": "large", "position": halves,
+                                                          "colour": ["red", "blue"], "background": ["white", "black"]})
+    assert {s.objects[0].position for s in listed} == set(halves)
+    assert {s.objects[0].colour for s in listed} == {"red", "blue"}
+    assert {s.background for s in listed} == {"white", "black"} and {s.objects[0].size for s in listed} == {"large"}
 
 
 @pytest.mark.parametrize(("pin", "state", "message"), [
     ({"texture": "dots"}, (), "unknown attributes"),
     ({"colour": "teal"}, (), "colour must be one of"),
+    ({"position": ["left", "middle"]}, (), "position must be one of"),
+    ({"position": []}, (), "non-empty list"),
+    ({"size": 3}, (), "one value or a non-empty list"),
     ({"colour": "pink", "shape": "square"}, (), "no drawable"),  # a held-out pair
     ({"colour": "white", "background": "white"}, (), "no drawable"),
     ({}, ("colour",), "cannot be stated optionally"),

@@ -166,12 +166,14 @@ def test_cache_curriculum_states_and_pins_its_scenes(runs, tmp_path):
 
     shutil.copytree(runs / "test-ae", tmp_path / "test-ae")
     cfg = config("cache", "name=pinned", "data.n=16", 'data.kinds=["single"]', 'data.state=["position"]',
-                 'data.pin={colour = "red", shape = "square"}')
+                 'data.pin={colour = "red", shape = "square", position = ["left", "right"]}')
     assert run_stage(cfg, tmp_path, quiet=True).finished
     captions = [c for b in LatentCache.load(tmp_path / "pinned").buckets for c in b.captions]
     assert len(captions) == 16 and all("red" in c and "square" in c for c in captions)
+    assert all(("left" in c) != ("right" in c) for c in captions)  # a listed pin: one of the two, stated
     scenes = json.loads((tmp_path / "pinned" / "cache.json").read_text())["scenes"]
-    assert scenes["state"] == ["position"] and scenes["pin"] == {"colour": "red", "shape": "square"}
+    assert scenes["state"] == ["position"]
+    assert scenes["pin"] == {"colour": "red", "shape": "square", "position": ["left", "right"]}
     # a base run re-renders the cache's scenes for its loss weights: it must draw the pinned ones
     task = BaseTask(config("base", "name=b", "flow.cache=pinned", "flow.object_weight=4"), Dist(), tmp_path)
     from fluxkit.data import SceneDataset
@@ -185,6 +187,28 @@ def test_cache_curriculum_states_and_pins_its_scenes(runs, tmp_path):
         config("cache", 'data.state=["colour"]')
     with pytest.raises(ValueError, match="data.pin: colour must be one of"):
         config("cache", 'data.pin={colour = "teal"}')
+
+
+def test_base_trains_on_a_mix_of_caches(runs, tmp_path):
+    import shutil
+
+    shutil.copytree(runs / "test-ae", tmp_path / "test-ae")
+    shutil.copytree(runs / "test-cache", tmp_path / "test-cache")
+    cfg = config("cache", "name=signs", "data.n=8", "data.seed=3", 'data.kinds=["sign"]')
+    assert run_stage(cfg, tmp_path, quiet=True).finished
+    one, signs = LatentCache.load(tmp_path / "test-cache"), LatentCache.load(tmp_path / "signs")
+    task = BaseTask(config("base", "name=mixed", 'flow.cache=["test-cache", "signs", "signs"]'), Dist(), tmp_path)
+    assert len(task.cache) == len(one) + 2 * len(signs)  # listed twice: twice the share
+    for bucket in task.cache.buckets:  # each size's bucket holds that size's scenes of every cache listed
+        parts = [b for c in (one, signs, signs) for b in c.buckets if b.size == bucket.size]
+        assert bucket.captions == [c for b in parts for c in b.captions]
+        torch.testing.assert_close(bucket.latents, torch.cat([b.latents for b in parts]))
+    assert torch.isfinite(task.losses(task.net, 0, step_generator(0, "base", 0, 0))["loss"])
+    with pytest.raises(ValueError, match="one cache instead of a mix"):  # loss weights re-render one cache's scenes
+        BaseTask(config("base", "name=m2", 'flow.cache=["test-cache", "signs"]', "flow.object_weight=2"), Dist(),
+                 tmp_path)
+    with pytest.raises(ValueError, match="non-empty list"):
+        config("base", "flow.cache=[]")
 
 
 def test_base_init_continues_from_another_runs_ema(runs):

@@ -274,38 +274,61 @@ def _optional(rng: random.Random, kind: str, odds: dict[str, float]) -> frozense
     return frozenset(required | {a for a in sorted(optional) if rng.random() < odds[a]})
 
 
-PINNABLE = ("colour", "shape", "size", "background")  # what `sample_scene(pin=...)` can fix
+PINNABLE = ("colour", "shape", "size", "background", "position")  # what `sample_scene(pin=...)` can fix
 OPTIONAL_ATTRIBUTES = frozenset().union(*(optional for _, optional in STATABLE.values()))
 
 
-def check_pin(pin: dict[str, str], pairs: str = "train") -> None:
+def _pin_values(pin: dict, name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    """The values `pin` allows for `name`: one value or a list of them; `default` when it is not pinned."""
+    if name not in pin:
+        return default
+    value = pin[name]
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+def check_pin(pin: dict, pairs: str = "train") -> None:
     """ValueError naming the problem unless `pin` fixes a drawable appearance (see `sample_scene`)."""
     unknown = sorted(set(pin) - set(PINNABLE))
     if unknown:
         raise ValueError(f"pin: unknown attributes {unknown}; pinnable: {list(PINNABLE)}")
-    for name, values in (("colour", COLOURS), ("shape", SHAPES), ("size", SIZES), ("background", BACKGROUNDS)):
-        if name in pin and pin[name] not in values:
-            raise ValueError(f"pin: {name} must be one of {list(values)}, got {pin[name]!r}")
-    backgrounds = [pin["background"]] if "background" in pin else list(BACKGROUNDS)
+    for name, values in (("colour", COLOURS), ("shape", SHAPES), ("size", SIZES), ("background", BACKGROUNDS),
+                         ("position", POSITIONS)):
+        if name not in pin:
+            continue
+        given = pin[name]
+        if not isinstance(given, str) and (not isinstance(given, (list, tuple)) or not given
+                                           or not all(isinstance(v, str) for v in given)):
+            raise ValueError(f"pin: {name} must be one value or a non-empty list of values, got {given!r}")
+        bad = [v for v in _pin_values(pin, name, ()) if v not in values]
+        if bad:
+            raise ValueError(f"pin: {name} must be one of {list(values)}, got {given!r}")
+    backgrounds = _pin_values(pin, "background", tuple(BACKGROUNDS))
     if not any(_pinned_pairs(pairs, b, pin) for b in backgrounds):
         raise ValueError(f"pin: no drawable (colour, shape) matches {pin} with pairs={pairs!r} (held-out pair, or "
                          "a colour too close to the background)")
 
 
-def _pinned_pairs(pairs: str, background: str, pin: dict[str, str]) -> list[tuple[str, str]]:
-    return [(c, s) for c, s in allowed_pairs(pairs, background)
-            if pin.get("colour", c) == c and pin.get("shape", s) == s]
+def _pinned_pairs(pairs: str, background: str, pin: dict) -> list[tuple[str, str]]:
+    colours, shapes = _pin_values(pin, "colour", COLOURS), _pin_values(pin, "shape", SHAPES)
+    return [(c, s) for c, s in allowed_pairs(pairs, background) if c in colours and s in shapes]
+
+
+def _pinned(rng: random.Random, pin: dict, name: str, default: tuple[str, ...]) -> str:
+    """A value for `name`: the pinned one when one value is pinned (no draw), else drawn from the pinned list or
+    from `default`."""
+    value = pin.get(name)
+    return value if isinstance(value, str) else rng.choice(_pin_values(pin, name, default))
 
 
 def sample_scene(rng: random.Random, width: int, height: int, kinds: tuple[str, ...] = KINDS,
-                 pairs: str = "train", state: frozenset[str] = frozenset(), pin: dict[str, str] | None = None) -> Scene:
+                 pairs: str = "train", state: frozenset[str] = frozenset(), pin: dict | None = None) -> Scene:
     """A random scene of a kind drawn uniformly from `kinds` (repeat a kind to weight it). `pairs="train"` never
     draws a HELD_OUT_PAIRS (colour, shape), "held_out" draws only them, "any" draws both.
 
     For training curricula: `state` names optional attributes (size, position, background) every caption states
-    where its kind can state them; `pin` fixes the (first) object's colour, shape, size and the background to one
-    value each (a background that clashes with the pinned colour is drawn again). Both off draw exactly what they
-    drew before the options existed."""
+    where its kind can state them; `pin` fixes the (first) object's colour, shape, size and the background, and a
+    single object's position, to one value each or to a list of values drawn from (a background that clashes with
+    the pinned colours is drawn again). Both off draw exactly what they drew before the options existed."""
     if not isinstance(rng, random.Random):
         raise ValueError(f"rng must be a random.Random, got {type(rng).__name__}")
     if not kinds or any(k not in KINDS for k in kinds):
@@ -327,16 +350,19 @@ def sample_scene(rng: random.Random, width: int, height: int, kinds: tuple[str, 
     if kind == "sign":
         text = rng.choice(WORDS) if rng.random() < 0.6 else random_sign_text(rng, rng.randint(2, 5))
         return Scene(kind, width, height, background, stated, sign=make_sign(rng, width, height, text, background))
-    background = pin.get("background", background)
+    if "background" in pin:
+        background = _pinned(rng, pin, "background", ())
     while not _pinned_pairs(pairs, background, pin):  # check_pin guarantees some background works
-        background = rng.choice(tuple(BACKGROUNDS))
+        background = rng.choice(_pin_values(pin, "background", tuple(BACKGROUNDS)))
     choices = allowed_pairs(pairs, background)
     colour, shape = rng.choice(choices)
     if pin.keys() & {"colour", "shape"}:
         colour, shape = rng.choice(_pinned_pairs(pairs, background, pin))
-    size = pin.get("size", rng.choice(tuple(SIZES)))
+    size = rng.choice(tuple(SIZES))  # drawn even when pinned to one value: the scenes of older caches stay the same
+    if "size" in pin:
+        size = _pinned(rng, pin, "size", ())
     if kind == "single":
-        obj = make_object(rng, width, height, shape, colour, size, rng.choice(POSITIONS))
+        obj = make_object(rng, width, height, shape, colour, size, _pinned(rng, pin, "position", POSITIONS))
         return Scene(kind, width, height, background, stated, (obj,))
     if kind == "count":
         n = rng.randint(1, 3)

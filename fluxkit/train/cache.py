@@ -188,6 +188,33 @@ class LatentCache:
         return cls(buckets, prompts[1:], txt[1:], vec[1:], txt[:1], vec[:1], (Path(root) / meta["ae"]).resolve(),
                    ae_params, meta.get("scenes"))
 
+    @classmethod
+    def concat(cls, caches: list[LatentCache]) -> LatentCache:
+        """One cache of all the scenes of `caches` (a data mix; buckets of one image size are joined, so a scene is
+        drawn uniformly over all of them: list a cache twice to double its share). They must share the autoencoder
+        and the text encoder. The sample-grid prompts are the first one's; `scenes` is None (several sources), so
+        per-token loss weights, which re-render the scenes, refuse a mix."""
+        if not caches:
+            raise ValueError("concat needs at least one cache")
+        first = caches[0]
+        if len(caches) == 1:
+            return first
+        for c in caches[1:]:
+            if c.ae_root != first.ae_root or c.ae_params != first.ae_params:
+                raise ValueError(f"caches to mix must share the autoencoder: {first.ae_root} vs {c.ae_root}")
+            if c.empty_txt.shape != first.empty_txt.shape or not torch.equal(c.empty_txt, first.empty_txt):
+                raise ValueError("caches to mix must share the text encoder and sequence length (their empty-prompt "
+                                 "states differ)")
+        parts: dict[tuple[int, int], list[Bucket]] = defaultdict(list)
+        for c in caches:
+            for b in c.buckets:
+                parts[b.size].append(b)
+        buckets = [Bucket(size, torch.cat([b.latents for b in bs]), torch.cat([b.txt for b in bs]),
+                          torch.cat([b.vec for b in bs]), torch.cat([b.index for b in bs]),
+                          [c for b in bs for c in b.captions]) for size, bs in sorted(parts.items())]
+        return cls(buckets, first.prompts, first.prompt_txt, first.prompt_vec, first.empty_txt, first.empty_vec,
+                   first.ae_root, first.ae_params, None)
+
     def __len__(self) -> int:
         return sum(len(b) for b in self.buckets)
 

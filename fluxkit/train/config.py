@@ -46,7 +46,8 @@ class DataConfig:
     sizes: tuple[tuple[int, int], ...] = ((128, 128), (160, 96), (96, 160))  # (width, height)
     kinds: tuple[str, ...] = KINDS  # scene kinds, drawn uniformly per scene: repeat one to weight it (cache stage)
     # Curricula (cache stage): optional attributes every caption states ("position", "size", "background") and
-    # attributes pinned to one value ({colour = "red", shape = "square", size = "large", background = "white"}).
+    # attributes pinned to one value or a list ({colour = "red", shape = ["square", "circle"], size = "large",
+    # background = "white", position = ["left", "right", "top", "bottom"]}; position: single objects only).
     state: tuple[str, ...] = ()
     pin: dict = field(default_factory=dict)
 
@@ -151,7 +152,8 @@ class CacheOptions:
 
 @dataclass(frozen=True)
 class FlowOptions:
-    cache: str = "tiny-cache"
+    cache: str | tuple[str, ...] = "tiny-cache"  # a cache run, or a list of them to train on their scenes together
+    # (a data mix: each scene is drawn with equal chance, so list one twice to double its share)
     init: str = ""  # base: start from this run's EMA weights (or a model folder) instead of a fresh init, e.g. to
     # continue a finished base on another cache with its own LR schedule; "" = fresh adaLN-Zero init
     caption_dropout: float = 0.1  # empty-prompt rate: teaches the unconditional velocity classifier-free guidance needs
@@ -168,6 +170,8 @@ class FlowOptions:
             raise ValueError(f"flow: need 0 <= caption_dropout < 1, logit_std > 0, edge_weight >= 0 and "
                              f"object_weight >= 0, got {self.caption_dropout}, {self.logit_std}, {self.edge_weight}, "
                              f"{self.object_weight}")
+        if not isinstance(self.cache, str) and not self.cache:
+            raise ValueError("flow.cache must name a cache run or a non-empty list of them, got []")
 
 
 @dataclass(frozen=True)

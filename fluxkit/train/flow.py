@@ -88,7 +88,7 @@ def token_weights(cache: LatentCache, edge: float = 0.0, objects: float = 0.0, b
 
     if cache.scenes is None:
         raise ValueError("flow.edge_weight and flow.object_weight need the cache's scene arguments (cache.json "
-                         "'scenes'); rebuild the cache")
+                         "'scenes'): rebuild the cache, or use one cache instead of a mix of several")
     meta = cache.scenes
     data = SceneDataset(meta["seed"], meta["n"], sizes=tuple(tuple(s) for s in meta["sizes"]),
                         kinds=tuple(meta.get("kinds", KINDS)), pairs=meta["pairs"], state=tuple(meta.get("state", ())),
@@ -196,7 +196,9 @@ class FlowTask:
 
     def __init__(self, cfg: TrainConfig, dist: Dist, runs_dir: Path):
         self.cfg, self.dist = cfg, dist
-        self.cache = LatentCache.load(resolve_run(Path(runs_dir), cfg.options.cache, "cache"))
+        names = (cfg.options.cache,) if isinstance(cfg.options.cache, str) else cfg.options.cache
+        self.cache = LatentCache.concat([LatentCache.load(resolve_run(Path(runs_dir), name, "cache"))
+                                         for name in names])
         self.spec: ModelSpec = replace(cfg.spec(), ae=self.cache.ae_params)
         self._ae = None
 
