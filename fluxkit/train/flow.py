@@ -197,8 +197,8 @@ class FlowTask:
     def __init__(self, cfg: TrainConfig, dist: Dist, runs_dir: Path):
         self.cfg, self.dist = cfg, dist
         names = (cfg.options.cache,) if isinstance(cfg.options.cache, str) else cfg.options.cache
-        self.cache = LatentCache.concat([LatentCache.load(resolve_run(Path(runs_dir), name, "cache"))
-                                         for name in names])
+        loaded = {name: LatentCache.load(resolve_run(Path(runs_dir), name, "cache")) for name in dict.fromkeys(names)}
+        self.cache = LatentCache.concat([loaded[name] for name in names])  # a cache listed twice is read once
         self.spec: ModelSpec = replace(cfg.spec(), ae=self.cache.ae_params)
         self._ae = None
 
