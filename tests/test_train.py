@@ -333,6 +333,37 @@ def test_export_loads_in_the_pipeline_and_shares_one_autoencoder(runs, tmp_path)
         export_run(runs / "test-dev", tmp_path / "test-dev", ae_path="../ae.safetensors")
 
 
+def test_a_checkpoint_exports_as_a_model_with_the_weights_it_names(runs, tmp_path):
+    from fluxkit.cli import main
+    from fluxkit.pipeline import FluxPipeline
+    from fluxkit.train.flow import export_checkpoint
+
+    ckpts = runs / "test-dev" / "checkpoints"
+    for step, weights in ((2, "ema"), (2, "model"), (None, "ema")):  # None: the latest, step 3
+        out = export_checkpoint(runs / "test-dev", tmp_path / f"{step}-{weights}", step, weights)
+        pipe = FluxPipeline.from_pretrained(out, torch_dtype=torch.float32)
+        assert pipe.spec.name == "tiny-dev" and pipe.transformer.params.guidance_embed
+        source = load_file(ckpts / f"step-{step or 3:08d}" / f"{weights}.safetensors")
+        mine = pipe.transformer.state_dict()
+        assert source.keys() == mine.keys()
+        assert all(torch.equal(source[k].to(torch.bfloat16).float(), mine[k]) for k in source)  # stored as bf16
+        assert pipe.vae.scale_factor == json.loads((runs / "test-ae" / "ae.json").read_text())["params"]["scale_factor"]
+    raw = load_file(tmp_path / "2-model" / "transformer.safetensors")
+    ema = load_file(tmp_path / "2-ema" / "transformer.safetensors")
+    assert any(not torch.equal(raw[k], ema[k]) for k in raw)  # the two weight sets differ after training
+    # The CLI, and what it refuses: a step the run did not keep, a stage without a transformer, --weights alone.
+    assert main(["train", "--export", str(runs / "test-base"), "--checkpoint", "latest", "--weights", "model",
+                 "--out", str(tmp_path / "base"), "--name", "base-at-3"]) == 0
+    assert FluxPipeline.from_pretrained(tmp_path / "base").spec.name == "base-at-3"
+    with pytest.raises(ValueError, match=r"no checkpoint at step 1; it has steps \[2, 3\]"):
+        export_checkpoint(runs / "test-base", tmp_path / "x", 1)
+    with pytest.raises(ValueError, match="'ae' run"):
+        export_checkpoint(runs / "test-ae", tmp_path / "x")
+    assert main(["train", "--export", str(runs / "test-base"), "--weights", "model", "--out", str(tmp_path / "y")]) == 2
+    assert main(["train", "--export", str(runs / "test-base"), "--checkpoint", "two", "--out", str(tmp_path / "y")]) == 2
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
 def test_ae_run_adopted_from_weights_feeds_the_cache(runs, tmp_path):
     from fluxkit.train.ae import adopt_ae, load_trained_ae
 

@@ -34,6 +34,11 @@ def add_parser(p: argparse.ArgumentParser) -> None:
                         "scale/shift and PSNR) instead of training one")
     p.add_argument("--export", type=Path, metavar="RUN",
                    help="instead of training: copy a finished transformer run's model to --out")
+    p.add_argument("--checkpoint", metavar="STEP",
+                   help="with --export: a checkpoint of a base/dev/schnell run, finished or not (a step number, or "
+                        "'latest'), instead of its final export")
+    p.add_argument("--weights", choices=("ema", "model"),
+                   help="with --export --checkpoint: the checkpoint's EMA weights (default) or its raw weights")
     p.add_argument("--out", type=Path, help="with --export: the model folder to write")
     p.add_argument("--ae-path", default="ae.safetensors",
                    help="with --export: autoencoder path relative to --out (share one: ../ae.safetensors)")
@@ -49,13 +54,27 @@ def runs_dir_from(args: argparse.Namespace) -> Path:
     return args.runs_dir or Path(os.environ.get("FLUXKIT_RUNS") or "runs")
 
 
+def _step(text: str) -> int:
+    if not text.isdigit():
+        raise ValueError(f"--checkpoint takes a step number or 'latest', got {text!r}")
+    return int(text)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.export is not None:
         from .flow import export_run
 
         if args.config is not None or args.out is None:
             raise ValueError("--export RUN needs --out DIR and no config file")
-        if args.base is not None:
+        if args.weights is not None and args.checkpoint is None:
+            raise ValueError("--weights picks a checkpoint's weights: use it with --checkpoint STEP")
+        if args.checkpoint is not None:
+            from .flow import export_checkpoint
+
+            step = None if args.checkpoint == "latest" else _step(args.checkpoint)
+            out = export_checkpoint(args.export, args.out, step, args.weights or "ema", args.name)
+            print(f"wrote {out}")
+        elif args.base is not None:
             from .variants import export_lora_variant
 
             print(f"wrote {export_lora_variant(args.export, args.out, args.base, args.name)}")

@@ -281,3 +281,54 @@ def export_run(run_root: Path, out: Path, ae_path: str = "ae.safetensors", name:
         atomic_write(ae_dst, lambda tmp: shutil.copyfile(ae_src, tmp))
     save_native(Path(out), model, spec, ae=None, ae_path=ae_path)
     return Path(out)
+
+
+CHECKPOINT_WEIGHTS = ("ema", "model")
+
+
+def export_checkpoint(run_root: Path, out: Path, step: int | None = None, weights: str = "ema",
+                      name: str | None = None) -> Path:
+    """Write a loadable model folder from one checkpoint of a base, dev or schnell run, finished or not: to sample,
+    score (`fluxkit eval`) or probe the model a run had at step `step` (None: its latest checkpoint).
+
+    `weights` picks the checkpoint's "ema" weights (what a finished run exports) or its raw "model" weights. The
+    spec comes from the run's saved config, the autoencoder (copied into `out`) from its training cache.
+    """
+    from .ae import load_trained_ae
+    from .cache import CACHE_META
+    from .config import config_from_dict
+
+    run = RunFolder(Path(run_root))
+    if weights not in CHECKPOINT_WEIGHTS:
+        raise ValueError(f"weights must be one of {CHECKPOINT_WEIGHTS}, got {weights!r}")
+    saved_file = run.root / "config.json"
+    if not saved_file.is_file():
+        raise ValueError(f"{run.root} is not a run folder (config.json missing)")
+    saved = json.loads(saved_file.read_text())
+    if saved.get("stage") not in ("base", "dev", "schnell"):
+        raise ValueError(f"{run.root} is a {saved.get('stage')!r} run; checkpoints export from base, dev and schnell "
+                         "runs (variants: --export with --base)")
+    steps = sorted(int(p.name.split("-")[1]) for p in run.checkpoints.glob("step-*") if p.is_dir())
+    ckpt = run.latest() if step is None else run.checkpoints / f"step-{step:08d}"
+    if ckpt is None or not ckpt.is_dir():
+        raise ValueError(f"{run.root} has no checkpoint at step {step if step is not None else '(latest)'}; "
+                         f"it has steps {steps or 'none'}")
+    # The saved config is TrainConfig.to_dict(); rebuild the config-file table it came from to get the spec.
+    table = {"stage": saved["stage"], "name": saved["name"], "seed": saved["seed"],
+             "model": {"preset": saved["model"], "flux": saved["flux_overrides"], "ae": saved["ae_overrides"]}}
+    caches = saved["options"]["cache"]
+    cache_root = resolve_run(run.root.parent, caches if isinstance(caches, str) else caches[0], "cache")
+    ae = load_trained_ae((cache_root / json.loads((cache_root / CACHE_META).read_text())["ae"]).resolve())
+    spec = replace(config_from_dict(table, str(saved_file)).spec(), ae=ae.params, **({"name": name} if name else {}))
+    model = Flux(spec.flux)
+    model.load_state_dict(_load_weights(ckpt / f"{weights}.safetensors"), strict=True)
+    save_native(Path(out), model, spec, ae=ae)
+    return Path(out)
+
+
+def _load_weights(path: Path) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist (a run without EMA weights has only model.safetensors)")
+    return load_file(path)
