@@ -209,6 +209,12 @@ def test_base_trains_on_a_mix_of_caches(runs, tmp_path):
                  tmp_path)
     with pytest.raises(ValueError, match="non-empty list"):
         config("base", "flow.cache=[]")
+    shutil.copytree(runs / "test-base", tmp_path / "test-base")  # the distillation stages take a mix too
+    dev = DevTask(config("dev", "name=dev-mixed", 'distill.cache=["test-cache", "signs"]'), Dist(), tmp_path)
+    assert len(dev.cache) == len(one) + len(signs)
+    assert torch.isfinite(dev.losses(dev.net, 0, step_generator(0, "dev", 0, 0))["loss"])
+    with pytest.raises(ValueError, match="non-empty list"):
+        config("dev", "distill.cache=[]")
 
 
 def test_base_init_continues_from_another_runs_ema(runs):
@@ -359,8 +365,9 @@ def test_a_checkpoint_exports_as_a_model_with_the_weights_it_names(runs, tmp_pat
         export_checkpoint(runs / "test-base", tmp_path / "x", 1)
     with pytest.raises(ValueError, match="'ae' run"):
         export_checkpoint(runs / "test-ae", tmp_path / "x")
-    assert main(["train", "--export", str(runs / "test-base"), "--weights", "model", "--out", str(tmp_path / "y")]) == 2
-    assert main(["train", "--export", str(runs / "test-base"), "--checkpoint", "two", "--out", str(tmp_path / "y")]) == 2
+    export = ["train", "--export", str(runs / "test-base"), "--out", str(tmp_path / "y")]
+    assert main([*export, "--weights", "model"]) == 2
+    assert main([*export, "--checkpoint", "two"]) == 2
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 

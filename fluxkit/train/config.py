@@ -177,7 +177,7 @@ class FlowOptions:
 @dataclass(frozen=True)
 class DistillOptions:
     teacher: str = "tiny-base"  # a finished run (name under the runs dir, or a path); its EMA weights teach
-    cache: str = "tiny-cache"
+    cache: str | tuple[str, ...] = "tiny-cache"  # a cache run, or a data mix of several (as flow.cache)
     guidance_range: tuple[float, float] = (1.0, 7.0)  # dev: g ~ U[lo, hi]
     guidance: float = 3.5  # schnell: the dev teacher's guidance along its trajectories
     trajectories: int = 2048  # schnell: teacher ODE solutions, noise -> image
@@ -190,6 +190,8 @@ class DistillOptions:
         if not 0 <= lo <= hi or self.trajectories < 1 or self.teacher_steps < 1 or self.trajectory_batch < 1:
             raise ValueError(f"distill: bad guidance_range {self.guidance_range}, trajectories {self.trajectories}, "
                              f"teacher_steps {self.teacher_steps} or trajectory_batch {self.trajectory_batch}")
+        if not isinstance(self.cache, str) and not self.cache:
+            raise ValueError("distill.cache must name a cache run or a non-empty list of them, got []")
         if not self.student_steps or any(s not in (1, 2, 4) for s in self.student_steps):
             raise ValueError(f"distill.student_steps must be a non-empty subset of (1, 2, 4) (the points trajectories "
                              f"store), got {self.student_steps}")
