@@ -319,6 +319,9 @@ def _save_diffusers(sd: StateDict, config: dict, folder: Path) -> Path:
 
 def save_diffusers_transformer(model: Flux, folder: str | os.PathLike) -> Path:
     """Flux -> a diffusers `transformer/` folder (config.json + diffusion_pytorch_model.safetensors)."""
+    if model.params.centered_ids:
+        raise ValueError("this model was trained with centred image position ids (FluxParams.centered_ids), which "
+                         "diffusers' FluxTransformer2DModel cannot express: keep it in fluxkit's own format")
     config = diffusers_config_from_flux_params(model.params)
     return _save_diffusers(transformer_bfl_to_diffusers(model.state_dict(), model.params), config, Path(folder))
 

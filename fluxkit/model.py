@@ -10,6 +10,7 @@ from torch.utils.checkpoint import checkpoint
 from .layers import DoubleStreamBlock, EmbedND, LastLayer, MLPEmbedder, SingleStreamBlock
 from .math import timestep_embedding
 from .params import FluxParams
+from .sampling import centre_image_ids
 from .step_cache import FirstBlockCacheConfig, StepCache, TeaCacheConfig, run_blocks_cached
 
 
@@ -54,6 +55,15 @@ class Flux(nn.Module):
             vec = vec + self.guidance_in(timestep_embedding(guidance.to(dtype), 256))
         return vec + self.vector_in(y.to(dtype))
 
+    def position_embedding(self, txt_ids: Tensor, img_ids: Tensor) -> Tensor:
+        """RoPE cos/sin tables [2, B, 1, L_txt + L_img, head_dim] for the joint sequence [txt; img].
+
+        Callers that run the model many times on the same ids compute this once and pass it as `pe`.
+        """
+        if self.params.centered_ids:
+            img_ids = centre_image_ids(img_ids)
+        return self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))
+
     def _run(self, block: nn.Module, *args):
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(block, *args, use_reentrant=False)
@@ -82,7 +92,7 @@ class Flux(nn.Module):
         txt = self.txt_in(txt.to(dtype))  # [B, L_txt, hidden]
         vec = self.conditioning_vector(timesteps, y, guidance)  # [B, hidden]
         if pe is None:
-            pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))  # [2, B, 1, L, D] cos/sin
+            pe = self.position_embedding(txt_ids, img_ids)
 
         if self.step_cache is not None:
             img = run_blocks_cached(self, self.step_cache, img, txt, vec, pe, attn_mask)

@@ -26,6 +26,9 @@ class FluxParams:
     theta: int = 10_000
     qkv_bias: bool = True
     guidance_embed: bool = True  # dev: True, schnell: False
+    # fluxkit's own models only: image position ids measured from the image's centre rather than its top-left corner,
+    # so that the caption (at position 0) sits in the middle of every image size. BFL's FLUX.1 counts from the corner.
+    centered_ids: bool = False
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:

@@ -296,11 +296,11 @@ class FluxPipeline(LoraLoaderMixin):
     def _velocity_fn(self, txt, vec, txt_ids, img_ids, neg, req: _Request, cond, attn_mask) -> sampling.Velocity:
         model = self.transformer
         batch = txt.shape[0]
-        pe = model.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))  # fixed for the whole run
+        pe = model.position_embedding(txt_ids, img_ids)  # fixed for the whole run
         pe_neg = pe  # the negative prompt has no regional tokens; its own length needs its own ids
         if neg is not None and neg[0].shape[1] != txt.shape[1]:
             neg_ids = sampling.text_ids(batch, neg[0].shape[1], device=txt_ids.device)
-            pe_neg = model.pe_embedder(torch.cat((neg_ids, img_ids), dim=1))
+            pe_neg = model.position_embedding(neg_ids, img_ids)
         guidance = req.guidance_per_step if model.params.guidance_embed else None
 
         cache = model.step_cache

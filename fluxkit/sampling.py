@@ -74,6 +74,22 @@ def image_ids(batch: int, h2: int, w2: int, index: int = 0, device: torch.device
     return ids.reshape(1, h2 * w2, 3).expand(batch, -1, -1).to(device)
 
 
+def centre_image_ids(ids: Tensor) -> Tensor:
+    """Image ids [B, L, 3] with each image's rows and columns shifted so that its grid's middle is (0, 0).
+
+    Each value of the first axis (0: the generated image, 1: a Kontext context image) is one image, centred on its
+    own middle: an 8-token row becomes -3.5 ... 3.5, so "left" is a negative column at every image width.
+    """
+    out = ids.clone()
+    for index in ids[..., 0].unique():
+        member = ids[..., 0] == index
+        for axis in (1, 2):
+            values = ids[..., axis][member]
+            centre = (values.min() + values.max()) / 2
+            out[..., axis] = torch.where(member, out[..., axis] - centre, out[..., axis])
+    return out
+
+
 def text_ids(batch: int, length: int, device: torch.device | str = "cpu") -> Tensor:
     """Text tokens all sit at position (0, 0, 0): RoPE leaves them unrotated."""
     return torch.zeros(batch, length, 3, device=device)

@@ -153,3 +153,39 @@ def test_params_validation_names_values():
         replace(TEST_FLUX, axes_dim=(4, 6, 8))
     with pytest.raises(ValueError, match="num_heads"):
         replace(TEST_FLUX, num_heads=5)
+
+
+def test_centred_ids_put_the_caption_in_the_middle_of_every_image_size():
+    from fluxkit import sampling
+
+    ids = torch.cat((sampling.image_ids(2, 4, 8), sampling.image_ids(2, 6, 10, index=1)), dim=1)
+    centred = sampling.centre_image_ids(ids)
+    target, context = centred[:, :32], centred[:, 32:]
+    assert torch.equal(target[0, :8, 2], torch.arange(8) - 3.5)
+    assert torch.equal(target[0, ::8, 1], torch.arange(4) - 1.5)
+    assert torch.equal(context[0, :10, 2], torch.arange(10) - 4.5)  # a Kontext context image: centred on itself
+    assert torch.equal(centred[..., 0], ids[..., 0]) and torch.equal(ids[0, :8, 2], torch.arange(8.0))  # input kept
+
+    # The angle between a text token and an image token is the same at every width for the same offset from the
+    # middle: column 3 of 8 and column 4 of 10 are both half a token left of it. Counted from the corner it is not.
+    txt = sampling.text_ids(1, 2)
+    for centred_ids, same in ((True, True), (False, False)):
+        model = Flux(replace(TEST_FLUX, centered_ids=centred_ids))
+        narrow = model.position_embedding(txt, sampling.image_ids(1, 2, 8))[:, :, :, 2 + 3]
+        wide = model.position_embedding(txt, sampling.image_ids(1, 2, 10))[:, :, :, 2 + 4]
+        assert torch.equal(narrow, wide) is same
+
+    # The model applies it in forward (pe computed inside) exactly as callers that precompute `pe` do.
+    torch.manual_seed(0)
+    model = Flux(replace(TEST_FLUX, centered_ids=True, guidance_embed=False)).eval()
+    x = _inputs()
+    img_ids, txt_ids = x["img_ids"][None].expand(2, -1, -1), x["txt_ids"][None].expand(2, -1, -1)
+    args = (x["img"], img_ids, x["txt"], txt_ids, x["t"], x["y"])
+    with torch.no_grad():
+        inside = model(*args)
+        given = model(*args, pe=model.position_embedding(txt_ids, img_ids))
+        corner = Flux(replace(model.params, centered_ids=False))
+        corner.load_state_dict(model.state_dict())
+        from_corner = corner.eval()(*args)
+    torch.testing.assert_close(inside, given, rtol=0, atol=0)
+    assert (inside - from_corner).abs().max() > 1e-3  # the same weights see different positions

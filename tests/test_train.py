@@ -479,3 +479,31 @@ def test_a_config_may_name_a_folder_inside_a_run(tmp_path, monkeypatch):
     assert resolve_run(runs, "tiny-dev-600/export", "init") == Path("tiny-dev-600/export")
     with pytest.raises(ValueError, match="init run 'nowhere/export' not found"):
         resolve_run(runs, "nowhere/export", "init")
+
+
+def test_centred_position_ids_go_from_the_config_to_the_teacher_check_and_the_exported_model(runs, tmp_path):
+    import shutil
+
+    from fluxkit.loading import save_diffusers_transformer
+    from fluxkit.pipeline import FluxPipeline
+    from fluxkit.train.flow import export_checkpoint
+
+    for name in ("test-ae", "test-cache", "test-base"):
+        shutil.copytree(runs / name, tmp_path / name)
+    centred = config("base", "name=base-centred", "model.flux.centered_ids=true")
+    assert centred.spec().flux.centered_ids and not config("base").spec().flux.centered_ids
+    assert run_stage(centred, tmp_path, quiet=True).finished
+    # A student must see positions as its teacher did: the mismatch is refused by name, either way round.
+    with pytest.raises(ValueError, match="centered_ids=False"):
+        DevTask(config("dev", "name=dev-a", "model.flux.centered_ids=true"), Dist(), tmp_path)
+    with pytest.raises(ValueError, match="centered_ids=True"):
+        DevTask(config("dev", "name=dev-b", "distill.teacher=base-centred"), Dist(), tmp_path)
+    DevTask(config("dev", "name=dev-c", "distill.teacher=base-centred", "model.flux.centered_ids=true"), Dist(),
+            tmp_path)
+    pipe = FluxPipeline.from_pretrained(export_checkpoint(tmp_path / "base-centred", tmp_path / "model"))
+    assert pipe.transformer.params.centered_ids  # saved in fluxkit.json, so sampling uses the ids it trained with
+    with pytest.raises(ValueError, match="centred image position ids"):  # diffusers would sample it wrongly
+        save_diffusers_transformer(pipe.transformer, tmp_path / "diffusers")
+    assert not (tmp_path / "diffusers").exists()
+    assert not FluxPipeline.from_pretrained(export_checkpoint(tmp_path / "test-base", tmp_path / "m2")) \
+        .transformer.params.centered_ids

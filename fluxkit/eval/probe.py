@@ -152,7 +152,7 @@ def _errors(model, latents, txt, vec, timesteps, draws, guidance, seed) -> tuple
     x0 = torch.cat((x0, x0))  # true captions, then counterfactuals: the same images and noise
     img_ids = sampling.image_ids(2 * batch, h // 2, w // 2, device=dev)
     txt_ids = sampling.text_ids(2 * batch, txt.shape[1], dev)
-    pe = model.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))
+    pe = model.position_embedding(txt_ids, img_ids)
     g = torch.full((2 * batch,), float(guidance), device=dev, dtype=dt) if model.params.guidance_embed else None
     total = torch.zeros(2 * batch)
     gen = torch.Generator().manual_seed(seed)

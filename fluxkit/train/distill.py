@@ -31,7 +31,7 @@ from ..model import Flux
 from ..sampling import ShiftConfig
 from .cache import Bucket, draw_rows
 from .config import DistillOptions, TrainConfig
-from .flow import FlowTask, draw_batch, init_flux, noisy, position_ids
+from .flow import FlowTask, draw_batch, init_flux, noisy, position_ids, run_spec
 from .loop import Dist, RunFolder, resolve_run, step_generator
 
 KEY_TIMES = (1.0, 0.75, 0.5, 0.25, 0.0)  # every point of the linear 1-, 2- and 4-step schedules
@@ -39,7 +39,12 @@ KEY_TIMES = (1.0, 0.75, 0.5, 0.25, 0.0)  # every point of the linear 1-, 2- and 
 
 def load_teacher(runs_dir: Path, ref: str, params, device: torch.device) -> tuple[Flux, dict[str, Tensor]]:
     """A finished run's EMA weights in a frozen Flux (and the state dict, to initialise a student from)."""
-    sd = RunFolder(resolve_run(Path(runs_dir), ref, "teacher")).load_ema()
+    root = resolve_run(Path(runs_dir), ref, "teacher")
+    trained = run_spec(root).flux
+    if trained.centered_ids != params.centered_ids:
+        raise ValueError(f"teacher run {ref!r} was trained with centered_ids={trained.centered_ids}, this config sets "
+                         f"{params.centered_ids}: set [model.flux] centered_ids = {str(trained.centered_ids).lower()}")
+    sd = RunFolder(root).load_ema()
     teacher = Flux(params)
     try:
         teacher.load_state_dict(sd, strict=True)
@@ -113,7 +118,7 @@ def solve_trajectories(teacher: Flux, bucket: Bucket, rows: range, guidance: flo
     n = x.shape[0]
     txt, vec = bucket.txt[list(rows)].float().to(device), bucket.vec[list(rows)].float().to(device)
     img_ids, txt_ids = position_ids(n, h, w, txt.shape[1], device)
-    pe = teacher.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))
+    pe = teacher.position_embedding(txt_ids, img_ids)
     g = torch.full((n,), guidance, device=device)
     times, keys = teacher_grid(steps, x.shape[1])
     states = [x.float()]

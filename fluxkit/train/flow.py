@@ -27,7 +27,7 @@ from ..model import Flux
 from ..params import FluxParams, ModelSpec
 from ..sampling import ShiftConfig
 from .cache import LatentCache
-from .config import FlowOptions, TrainConfig
+from .config import FlowOptions, TrainConfig, config_from_dict
 from .loop import Dist, RunFolder, resolve_run
 from .report import save_grid, to_uint8
 
@@ -170,7 +170,7 @@ def generate_latents(model: Flux, txt: Tensor, vec: Tensor, size: tuple[int, int
     h, w = noise.shape[-2:]
     x = sampling.pack(noise)  # [B, L, 64]
     img_ids, txt_ids = position_ids(batch, h, w, txt.shape[1], dev)
-    pe = model.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))
+    pe = model.position_embedding(txt_ids, img_ids)
     sigmas = sampling.get_schedule(steps, x.shape[1], shift=ShiftConfig() if shifted else None).to(dev)
     g = torch.full((batch,), float(guidance), device=dev) if model.params.guidance_embed else None
     txt, vec = txt.to(dev).float(), vec.to(dev).float()
@@ -296,7 +296,6 @@ def export_checkpoint(run_root: Path, out: Path, step: int | None = None, weight
     """
     from .ae import load_trained_ae
     from .cache import CACHE_META
-    from .config import config_from_dict
 
     run = RunFolder(Path(run_root))
     if weights not in CHECKPOINT_WEIGHTS:
@@ -313,17 +312,25 @@ def export_checkpoint(run_root: Path, out: Path, step: int | None = None, weight
     if ckpt is None or not ckpt.is_dir():
         raise ValueError(f"{run.root} has no checkpoint at step {step if step is not None else '(latest)'}; "
                          f"it has steps {steps or 'none'}")
-    # The saved config is TrainConfig.to_dict(); rebuild the config-file table it came from to get the spec.
-    table = {"stage": saved["stage"], "name": saved["name"], "seed": saved["seed"],
-             "model": {"preset": saved["model"], "flux": saved["flux_overrides"], "ae": saved["ae_overrides"]}}
     caches = saved["options"]["cache"]
     cache_root = resolve_run(run.root.parent, caches if isinstance(caches, str) else caches[0], "cache")
     ae = load_trained_ae((cache_root / json.loads((cache_root / CACHE_META).read_text())["ae"]).resolve())
-    spec = replace(config_from_dict(table, str(saved_file)).spec(), ae=ae.params, **({"name": name} if name else {}))
+    spec = replace(run_spec(run.root), ae=ae.params, **({"name": name} if name else {}))
     model = Flux(spec.flux)
     model.load_state_dict(_load_weights(ckpt / f"{weights}.safetensors"), strict=True)
     save_native(Path(out), model, spec, ae=ae)
     return Path(out)
+
+
+def run_spec(run_root: Path) -> ModelSpec:
+    """The model spec a training run was made with, rebuilt from its saved config.json (TrainConfig.to_dict())."""
+    saved_file = Path(run_root) / "config.json"
+    if not saved_file.is_file():
+        raise ValueError(f"{run_root} is not a run folder (config.json missing)")
+    saved = json.loads(saved_file.read_text())
+    table = {"stage": saved["stage"], "name": saved["name"], "seed": saved["seed"],
+             "model": {"preset": saved["model"], "flux": saved["flux_overrides"], "ae": saved["ae_overrides"]}}
+    return config_from_dict(table, str(saved_file)).spec()
 
 
 def _load_weights(path: Path) -> dict[str, Tensor]:
