@@ -5,7 +5,8 @@ A config names its stage, run, seed and model preset, then one table per concern
     stage = "base"              # ae | cache | base | dev | schnell | fill | canny | kontext | regional
     name = "tiny-base"          # run folder under the runs dir
     seed = 0
-    [model]   preset = "tiny-base"   (+ optional [model.flux] / [model.ae] field overrides, for test-sized nets)
+    [model]   preset = "tiny-base"   (+ optional [model.flux] / [model.ae] field overrides: test-sized nets,
+              `centered_ids = true` for image position ids counted from the image's middle)
     [data]    scenes: seed, n, sizes ([width, height] pairs, as fluxkit.data), kinds (the cache's scene mix),
               state and pin (curricula: attributes always stated, attributes fixed to one value)
     [optim]   AdamW and the LR schedule
