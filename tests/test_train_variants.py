@@ -418,3 +418,18 @@ def test_a_guidance_distilled_model_may_seed_a_model_without_guidance(runs):
     with pytest.raises(ValueError, match="is not the config's model"):  # any other difference is refused
         load_init(runs, str(runs / "test-dev" / "export"), replace(params, guidance_embed=True, depth=2),
                   torch.device("cpu"))
+
+
+def test_a_model_may_be_continued_under_centred_position_ids(runs):
+    """centered_ids is no weight: a corner-id dev folder seeds a centred base, which then uses centred ids."""
+    params = replace(config("fill").spec().flux, guidance_embed=False, centered_ids=True)
+    folder, cpu = str(runs / "test-dev" / "export"), torch.device("cpu")
+    corner = load_init(runs, folder, replace(params, centered_ids=False), cpu)
+    centred = load_init(runs, folder, params, cpu)
+    assert centred.params == params and corner.params.centered_ids is False
+    assert all(torch.equal(v, centred.state_dict()[k]) for k, v in corner.state_dict().items())
+    x, img_ids, txt, txt_ids, t, vec, _ = random_inputs(2, 4, 64)
+    with torch.no_grad():  # same weights, other frame: the image-text attention, hence the output, differs
+        assert not torch.allclose(centred(x, img_ids, txt, txt_ids, t, vec), corner(x, img_ids, txt, txt_ids, t, vec))
+    with pytest.raises(ValueError, match="is not the config's model"):
+        load_init(runs, folder, replace(params, depth=2), cpu)

@@ -74,12 +74,17 @@ def load_init(runs_dir: Path, ref: str, params: FluxParams, device: torch.device
         meta = json.loads((root / "fluxkit.json").read_text())
         have = spec_from_dict(meta["spec"]).flux
         # A guidance-distilled model may seed a model without guidance input (e.g. continuing the base from the shipped
-        # tiny-dev, whose other weights are the base's after a short distillation): its guidance_in is dropped.
-        if have != params and not (have.guidance_embed and replace(have, guidance_embed=False) == params):
+        # tiny-dev, whose other weights are the base's after a short distillation): its guidance_in is dropped. The
+        # position-id convention (centered_ids) is no weight, so a model may be continued under the other one.
+        same_weights = replace(have, centered_ids=params.centered_ids)
+        if same_weights != params and not (
+            same_weights.guidance_embed and replace(same_weights, guidance_embed=False) == params
+        ):
             raise ValueError(f"init model {root} is not the config's model {params}")
         model = load_flux_transformer(root / meta["transformer"], params=have, dtype=torch.float32)
-        if have != params:
-            model.guidance_in, model.params = nn.Identity(), params
+        if same_weights != params:
+            model.guidance_in = nn.Identity()
+        model.params = params
         return model.requires_grad_(True).to(device)
     model = Flux(params)
     try:
