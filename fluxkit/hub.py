@@ -5,6 +5,9 @@ A fluxkit folder is `fluxkit.json` (the ModelSpec) + BFL-named safetensors for t
     fluxkit.json              {"format": "fluxkit", "spec": {...}, "transformer": "...", "ae": "..."}
     transformer.safetensors   BFL keys (img_in, double_blocks.N..., final_layer...)
     ae.safetensors            BFL autoencoder keys (may be shared between models: a relative path)
+
+The transformer may also be stored quantized (int8/fp8 safetensors or GGUF, `quantize_native`): kept quantized on
+load, or expanded to full precision when fluxkit.json says `"dequantize": true` (quantized only to ship it small).
 """
 
 from __future__ import annotations
@@ -146,7 +149,7 @@ def _load_native(folder: Path, dtype, transformer, vae, text_encoder):
     """A fluxkit folder: fluxkit.json names the transformer and autoencoder files (paths relative to the folder, so
     models can share them) and optionally a `lora` file: the folder is then a variant made of the transformer plus
     that adapter (which may widen img_in, as BFL's control LoRAs do)."""
-    from .loading import load_autoencoder, load_flux_transformer
+    from .loading import load_autoencoder
 
     meta = json.loads((folder / "fluxkit.json").read_text())
     if meta.get("format") != "fluxkit":
@@ -155,7 +158,7 @@ def _load_native(folder: Path, dtype, transformer, vae, text_encoder):
     if transformer is not None:
         model = _transformer_override(transformer, spec.flux, dtype)
     else:
-        model = load_flux_transformer(folder / meta["transformer"], params=spec.flux, dtype=dtype)
+        model = _native_transformer(folder, meta, spec.flux, dtype)
     if vae is None:
         vae = load_autoencoder(folder / meta["ae"], params=spec.ae, dtype=dtype)
     enc = text_encoder or _text_encoder(spec.text_encoder, folder, dtype)
@@ -165,6 +168,23 @@ def _load_native(folder: Path, dtype, transformer, vae, text_encoder):
     from .pipeline import SchedulerConfig
 
     return model, vae, enc, spec, SchedulerConfig(use_dynamic_shifting=spec.shift_schedule), lora
+
+
+def _native_transformer(folder: Path, meta: dict, params: FluxParams, dtype):
+    """fluxkit.json's transformer: a BFL file, or a quantized one (int8/fp8 safetensors, GGUF) kept quantized, or,
+    with `"dequantize": true`, expanded to full precision on load (quantized only to ship it small)."""
+    from .quant import dequantize_model, load_quantized_transformer, quantized_layers
+
+    path = folder / meta["transformer"]
+    if not path.is_file():
+        raise ValueError(f"{folder / 'fluxkit.json'} names the transformer {path}, which does not exist")
+    model = load_quantized_transformer(path, params=params, dtype=dtype, axes_dim=params.axes_dim)
+    expand = meta.get("dequantize", False)
+    if not isinstance(expand, bool):
+        raise ValueError(f"{folder / 'fluxkit.json'}: 'dequantize' must be true or false, got {expand!r}")
+    if expand and quantized_layers(model):
+        dequantize_model(model, dtype)
+    return model
 
 
 def _text_encoder(kind: str, folder: Path, dtype):
@@ -228,3 +248,39 @@ def save_native(
         write(folder / ae_path, ae.state_dict())
     meta = {"format": "fluxkit", "spec": spec_to_dict(spec), "transformer": "transformer.safetensors", "ae": ae_path}
     atomic_write_text(folder / "fluxkit.json", json.dumps(meta, indent=2))
+
+
+def quantize_native(src: str | Path, dst: str | Path, kind: str) -> Path:
+    """A fluxkit folder -> one whose transformer is stored quantized (`kind`: int8, fp8 or a GGUF type such as
+    q8_0) and expanded to full precision on load (`"dequantize": true`): the same model in about half the bytes of
+    bf16, for shipping. The autoencoder is referenced, not copied; `dst` may be `src` (the old transformer file is
+    then left for the caller to delete). Returns the new transformer file."""
+    import os
+
+    from .gguf import BLOCK_QTYPES
+    from .loading import load_flux_transformer
+    from .quant import KINDS, convert_to_gguf, quantize_model, save_quantized
+
+    src, dst = Path(src), Path(dst)
+    meta_file = src / "fluxkit.json"
+    if not meta_file.is_file():
+        raise ValueError(f"{src} is not a fluxkit folder (no fluxkit.json)")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}; got {kind!r}")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("lora"):
+        raise ValueError(f"{src} is a LoRA variant of another folder's transformer; quantize that folder instead")
+    spec = spec_from_dict(meta["spec"])
+    old = src / meta["transformer"]
+    if old.suffix == ".gguf" or meta.get("dequantize"):
+        raise ValueError(f"{old} is already quantized; start from a full-precision folder")
+    model = load_flux_transformer(old, params=spec.flux)  # the stored dtype: unquantized tensors keep it
+    dst.mkdir(parents=True, exist_ok=True)
+    if kind in BLOCK_QTYPES:
+        out = convert_to_gguf(model, dst / f"transformer-{kind}.gguf", kind)
+    else:
+        out = save_quantized(quantize_model(model, kind), dst / f"transformer-{kind}.safetensors")
+    ae = os.path.relpath((src / meta["ae"]).resolve(), dst.resolve())
+    meta = {**meta, "transformer": out.name, "dequantize": True, "ae": ae}
+    atomic_write_text(dst / "fluxkit.json", json.dumps(meta, indent=2))
+    return out

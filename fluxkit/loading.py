@@ -354,7 +354,8 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, to: str,
 
 def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `fluxkit convert SRC DST --to {bfl,diffusers}`; sets `run` (cli.py's convention)."""
-    parser.add_argument("src", help="BFL .safetensors file or diffusers transformer/ or vae/ folder")
+    parser.add_argument("src", help="BFL .safetensors file, diffusers transformer/ or vae/ folder, or a fluxkit "
+                                    "folder (to a quantized fluxkit folder, expanded on load)")
     parser.add_argument("dst", help="output .safetensors file (--to bfl) or folder (--to diffusers)")
     parser.add_argument("--to", required=True, choices=("bfl", "diffusers", "gguf", "int8", "fp8"),
                         help="bfl file, diffusers folder, GGUF file (--type), or int8/fp8 quantized safetensors")
@@ -368,6 +369,15 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_convert(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype) if args.dtype else None
+    if (Path(args.src) / "fluxkit.json").is_file():
+        from .hub import quantize_native
+
+        if args.to not in ("gguf", "int8", "fp8"):
+            raise ValueError(f"{args.src} is a fluxkit folder: it converts to a quantized folder (--to gguf, int8 "
+                             f"or fp8), not to {args.to}")
+        out = quantize_native(args.src, args.dst, args.type if args.to == "gguf" else args.to)
+        print(f"wrote {out} and {Path(args.dst) / 'fluxkit.json'}")
+        return 0
     if args.to in ("gguf", "int8", "fp8"):
         from .quant import convert_to_gguf, quantize_model, save_quantized
 

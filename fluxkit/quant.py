@@ -263,6 +263,25 @@ def quantized_layers(model: nn.Module) -> dict[str, QuantLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
+def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Swap every quantized linear back for an nn.Linear holding its dequantized weight (in `dtype`, default each
+    layer's own), in place. For checkpoints quantized only to be stored small: the model then runs at the speed of
+    a full-precision one and costs its memory."""
+    layers = quantized_layers(model)
+    if not layers:
+        raise ValueError(f"this {type(model).__name__} has no quantized layers to dequantize")
+    for name, m in layers.items():
+        weight = m.dequantize(dtype or m.dtype)  # [out, in]
+        with torch.device("meta"):
+            linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+        linear.weight = nn.Parameter(weight, requires_grad=False)
+        if m.bias is not None:
+            linear.bias = nn.Parameter(m.bias.detach().to(weight.dtype), requires_grad=False)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, linear)
+    return model
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Saving
 

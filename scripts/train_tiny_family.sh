@@ -34,6 +34,10 @@ stage tiny-schnell configs/tiny-schnell.toml
 for model in dev schnell; do
     .venv/bin/fluxkit train --export "$runs/tiny-$model" --out "fluxkit/weights/tiny-$model" --ae-path ../ae.safetensors
 done
+# tiny-schnell ships as q8_0 (expanded to bf16 on load; the suite scores it as the bf16 file: docs/model-card.md), so
+# that the family and its variant LoRAs fit 64 MB. tiny-dev stays bf16: the variant LoRAs are trained on its weights.
+.venv/bin/fluxkit convert fluxkit/weights/tiny-schnell fluxkit/weights/tiny-schnell --to gguf --type q8_0
+rm fluxkit/weights/tiny-schnell/transformer.safetensors
 # The FLUX.1 tools variants (issue #6), fine-tuned from tiny-dev as control LoRAs (~1.2 MB each): only with --tools.
 if [[ "${1:-}" == "--tools" ]]; then
     for stage in fill canny kontext regional; do

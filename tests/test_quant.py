@@ -373,3 +373,82 @@ def test_pipeline_quantize_argument_and_a_quantized_transformer_module(tiny_dev_
     again = swapped("a red circle", generator=torch.Generator().manual_seed(0), **args).images
     assert np.abs(again - quantized).max() < 1e-5  # the same codes (last bits: a memory-mapped vs copied img_in)
     assert {m.kind for m in swapped.transformer.modules() if isinstance(m, QuantLinear)} == {"q8_0"}
+
+
+@pytest.fixture(scope="module")
+def native_folder(tmp_path_factory):
+    """A fluxkit folder (bf16, MiniLM text encoder) around a random K_PARAMS-shaped transformer."""
+    from fluxkit.autoencoder import AutoEncoder
+    from fluxkit.hub import save_native
+    from fluxkit.params import TEST_AE, ModelSpec
+
+    params = replace(K_PARAMS, vec_in_dim=384, context_in_dim=384)  # MiniLM's width
+    spec = ModelSpec("q", params, TEST_AE, text_encoder="minilm", max_sequence_length=16, default_size=(32, 32))
+    folder = tmp_path_factory.mktemp("native") / "full"
+    torch.manual_seed(0)
+    save_native(folder, random_flux(params), spec, ae=AutoEncoder(TEST_AE))
+    return folder, params
+
+
+@pytest.mark.parametrize("kind, suffix", [("q8_0", ".gguf"), ("int8", ".safetensors")])
+def test_a_fluxkit_folder_ships_quantized_and_loads_expanded(native_folder, kind, suffix, tmp_path):
+    """`fluxkit convert FOLDER DST --to gguf|int8`: the transformer stored in about half the bytes, the autoencoder
+    referenced across folders, and on load plain linears holding exactly the stored codes' weights."""
+    from fluxkit import FluxPipeline
+    from fluxkit.cli import main
+    from fluxkit.quant import quantized_layers
+
+    folder, params = native_folder
+    dst = tmp_path / kind
+    to = ["--to", "gguf", "--type", kind] if suffix == ".gguf" else ["--to", kind]
+    assert main(["convert", str(folder), str(dst), *to]) == 0
+    stored = dst / f"transformer-{kind}{suffix}"
+    assert sorted(p.name for p in dst.iterdir()) == ["fluxkit.json", stored.name]
+    # ~8.5 bits a weight in the blocks; the ends (FLUX_FULL_PRECISION) stay bf16 and are ~1/3 of this tiny model
+    assert stored.stat().st_size < 0.7 * (folder / "transformer.safetensors").stat().st_size
+
+    pipe = FluxPipeline.from_pretrained(dst, torch_dtype=torch.float32)
+    assert not quantized_layers(pipe.transformer)
+    assert all(type(m) is nn.Linear for m in pipe.transformer.modules() if isinstance(m, nn.Linear))
+    full = FluxPipeline.from_pretrained(folder, torch_dtype=torch.float32).transformer
+    kept = load_quantized_transformer(stored, params=params, dtype=torch.float32)
+    assert quantized_layers(kept)
+    x = inputs(params)
+    with torch.no_grad():
+        out, ref, codes = pipe.transformer(**x), full(**x), kept(**x)
+    assert 0 < rel_error(out, ref) < MAX_OUTPUT_ERROR[kind]
+    assert torch.allclose(out, codes, rtol=1e-4, atol=1e-5)  # the expanded weights are the stored codes' weights
+    image = pipe("a red circle", num_inference_steps=1, output_type="np", height=32, width=32).images
+    assert image.shape == (1, 32, 32, 3)
+
+
+def test_quantized_folder_requests_are_refused_clearly(native_folder, tmp_path, capsys):
+    import json
+
+    from fluxkit import FluxPipeline
+    from fluxkit.cli import main
+    from fluxkit.hub import quantize_native
+
+    folder, _ = native_folder
+    with pytest.raises(ValueError, match="kind must be one of"):
+        quantize_native(folder, tmp_path / "a", "q3_x")
+    with pytest.raises(ValueError, match="not a fluxkit folder"):
+        quantize_native(tmp_path, tmp_path / "a", "int8")
+    assert main(["convert", str(folder), str(tmp_path / "b"), "--to", "diffusers"]) != 0
+    assert "is a fluxkit folder: it converts to a quantized folder" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+    quantize_native(folder, tmp_path / "q", "q8_0")
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_native(tmp_path / "q", tmp_path / "qq", "int8")
+    meta = json.loads((tmp_path / "q" / "fluxkit.json").read_text())
+    (tmp_path / "q" / "fluxkit.json").write_text(json.dumps({**meta, "dequantize": "yes"}))
+    with pytest.raises(ValueError, match="'dequantize' must be true or false"):
+        FluxPipeline.from_pretrained(tmp_path / "q")
+    (tmp_path / "q" / "fluxkit.json").write_text(json.dumps({**meta, "transformer": "gone.gguf"}))
+    with pytest.raises(ValueError, match="names the transformer .*gone.gguf, which does not exist"):
+        FluxPipeline.from_pretrained(tmp_path / "q")
+    lora = {**json.loads((folder / "fluxkit.json").read_text()), "lora": "lora.safetensors"}
+    (tmp_path / "v").mkdir()
+    (tmp_path / "v" / "fluxkit.json").write_text(json.dumps(lora))
+    with pytest.raises(ValueError, match="LoRA variant"):
+        quantize_native(tmp_path / "v", tmp_path / "vq", "int8")
