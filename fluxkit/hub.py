@@ -178,7 +178,7 @@ def _native_transformer(folder: Path, meta: dict, params: FluxParams, dtype):
     path = folder / meta["transformer"]
     if not path.is_file():
         raise ValueError(f"{folder / 'fluxkit.json'} names the transformer {path}, which does not exist")
-    model = load_quantized_transformer(path, params=params, dtype=dtype, axes_dim=params.axes_dim)
+    model = load_quantized_transformer(path, params=params, dtype=dtype)
     expand = meta.get("dequantize", False)
     if not isinstance(expand, bool):
         raise ValueError(f"{folder / 'fluxkit.json'}: 'dequantize' must be true or false, got {expand!r}")
@@ -258,8 +258,14 @@ def quantize_native(src: str | Path, dst: str | Path, kind: str) -> Path:
     import os
 
     from .gguf import BLOCK_QTYPES
-    from .loading import load_flux_transformer
-    from .quant import KINDS, convert_to_gguf, quantize_model, save_quantized
+    from .quant import (
+        KINDS,
+        convert_to_gguf,
+        load_quantized_transformer,
+        quantize_model,
+        quantized_layers,
+        save_quantized,
+    )
 
     src, dst = Path(src), Path(dst)
     meta_file = src / "fluxkit.json"
@@ -272,9 +278,9 @@ def quantize_native(src: str | Path, dst: str | Path, kind: str) -> Path:
         raise ValueError(f"{src} is a LoRA variant of another folder's transformer; quantize that folder instead")
     spec = spec_from_dict(meta["spec"])
     old = src / meta["transformer"]
-    if old.suffix == ".gguf" or meta.get("dequantize"):
+    model = load_quantized_transformer(old, params=spec.flux, dtype=None)  # None: tensors keep the stored dtype
+    if quantized_layers(model):
         raise ValueError(f"{old} is already quantized; start from a full-precision folder")
-    model = load_flux_transformer(old, params=spec.flux)  # the stored dtype: unquantized tensors keep it
     dst.mkdir(parents=True, exist_ok=True)
     if kind in BLOCK_QTYPES:
         out = convert_to_gguf(model, dst / f"transformer-{kind}.gguf", kind)
