@@ -28,7 +28,7 @@ PROMPTS = (
     "a sign that says 'OPEN'",
     "a large purple star",  # a held-out colour x shape pair: never seen in training
 )
-ROWS = (("fluxkit-tiny-schnell", 4, None), ("fluxkit-tiny-dev", 20, 3.5))
+ROWS = (("fluxkit-tiny-schnell", 4, None), ("fluxkit-tiny-dev", 20, 5.0))  # each model's default steps and guidance
 CELL, LABEL, GAP = 128, 44, 4
 
 

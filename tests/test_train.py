@@ -334,6 +334,14 @@ def test_export_loads_in_the_pipeline_and_shares_one_autoencoder(runs, tmp_path)
     assert dev.transformer.params.guidance_embed
     export_run(runs / "test-dev", tmp_path / "renamed", name="my-dev")  # --name
     assert FluxPipeline.from_pretrained(tmp_path / "renamed").spec.name == "my-dev"
+    assert dev.spec.default_guidance == 3.5  # the preset's
+    export_run(runs / "test-dev", tmp_path / "g5", guidance=5.0)  # --default-guidance
+    assert FluxPipeline.from_pretrained(tmp_path / "g5").spec.default_guidance == 5.0
+    with pytest.raises(ValueError, match="without guidance input"):
+        export_run(runs / "test-schnell", tmp_path / "bad", guidance=5.0)
+    with pytest.raises(ValueError, match="finite number"):
+        export_run(runs / "test-dev", tmp_path / "bad", guidance=float("nan"))
+    assert not (tmp_path / "bad").exists()
     with pytest.raises(ValueError, match="different autoencoder"):
         (tmp_path / "ae.safetensors").write_bytes((runs / "test-ae" / "ae.safetensors").read_bytes())  # fp32 != bf16
         export_run(runs / "test-dev", tmp_path / "test-dev", ae_path="../ae.safetensors")

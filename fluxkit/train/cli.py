@@ -45,6 +45,8 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", metavar="DIR",
                    help="with --export of a LoRA-mode variant run (fill/canny/kontext/regional): the base model folder "
                         "relative to --out (e.g. ../tiny-dev); --out then holds the LoRA and points at the base files")
+    p.add_argument("--default-guidance", type=float, metavar="G",
+                   help="with --export of a dev run: the folder's default guidance (default: the preset's, 3.5)")
     p.add_argument("--name", help="with --export: the model's spec name (and a LoRA variant's adapter name) in the "
                                   "folder; default: the preset's name, or a LoRA variant run's config name")
     p.set_defaults(run=run)
@@ -66,6 +68,9 @@ def run(args: argparse.Namespace) -> int:
 
         if args.config is not None or args.out is None:
             raise ValueError("--export RUN needs --out DIR and no config file")
+        if args.default_guidance is not None and (args.checkpoint is not None or args.base is not None):
+            raise ValueError("--default-guidance applies to the export of a finished dev run (a LoRA variant takes its "
+                             "base's), not with --checkpoint or --base")
         if args.weights is not None and args.checkpoint is None:
             raise ValueError("--weights picks a checkpoint's weights: use it with --checkpoint STEP")
         if args.checkpoint is not None:
@@ -79,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
 
             print(f"wrote {export_lora_variant(args.export, args.out, args.base, args.name)}")
         else:
-            print(f"wrote {export_run(args.export, args.out, args.ae_path, args.name)}")
+            print(f"wrote {export_run(args.export, args.out, args.ae_path, args.name, args.default_guidance)}")
         return 0
     if args.config is None:
         raise ValueError("a config file is required (e.g. configs/tiny-base.toml), or --export RUN --out DIR")

@@ -250,10 +250,12 @@ class BaseTask(FlowTask):
         return flow_loss(pred, target, b.weight)
 
 
-def export_run(run_root: Path, out: Path, ae_path: str = "ae.safetensors", name: str | None = None) -> Path:
+def export_run(run_root: Path, out: Path, ae_path: str = "ae.safetensors", name: str | None = None,
+               guidance: float | None = None) -> Path:
     """Copy a finished transformer run's export into `out` (e.g. fluxkit/weights/tiny-dev) with the autoencoder at
     `ae_path` relative to `out`, so that several shipped models can share one file ("../ae.safetensors"), under the
-    spec name `name` (default: the run's, e.g. the preset's "tiny-dev").
+    spec name `name` (default: the run's, e.g. the preset's "tiny-dev") and with `guidance` as the folder's default
+    guidance (default: the preset's; tiny-dev ships with the value its evaluation measured best).
 
     An autoencoder already at that path must hold the same tensors (models of one family share it).
     """
@@ -270,6 +272,13 @@ def export_run(run_root: Path, out: Path, ae_path: str = "ae.safetensors", name:
     spec = spec_from_dict(meta["spec"])
     if name:
         spec = replace(spec, name=name)
+    if guidance is not None:
+        if not spec.flux.guidance_embed:
+            raise ValueError(f"{run_root} is a model without guidance input: a default guidance applies only to a "
+                             "guidance-distilled (dev) run")
+        if not math.isfinite(guidance) or guidance < 0:
+            raise ValueError(f"default guidance must be a finite number >= 0, got {guidance}")
+        spec = replace(spec, default_guidance=float(guidance))
     model = load_flux_transformer(src / meta["transformer"], params=spec.flux)
     ae_src, ae_dst = src / meta["ae"], Path(out) / ae_path
     if ae_dst.is_file():
