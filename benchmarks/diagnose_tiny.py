@@ -372,9 +372,14 @@ def synthetic_position(steps: int, seed: int, log_every: int = 100, latents: str
                 x0_all[(i, slice(None), *blocks_at[k])] = 1.0
         x0_all = sampling.pack(x0_all)  # [N, 64, 64]
     pooled = captions != "fixed" or latents != "flat"  # the original toy fed no pooled vector
-    model = init_flux(replace(TINY_FLUX, guidance_embed=False, depth=blocks[0], depth_single_blocks=blocks[1]), seed)
+    params = replace(TINY_FLUX, guidance_embed=False, depth=blocks[0], depth_single_blocks=blocks[1])
+    start = None
     if init is not None:
         start = FluxPipeline.from_pretrained(init, torch_dtype=torch.float32, device="cpu").transformer
+        # The position-id convention is no weight: a model trained with centred ids goes on with them.
+        params = replace(params, centered_ids=start.params.centered_ids)
+    model = init_flux(params, seed)
+    if start is not None:
         if start.params != model.params:
             raise ValueError(f"init {init!r} is not a tiny base of depth {blocks} (guidance embedding, width or "
                              f"depth differ): {start.params}")
