@@ -106,3 +106,37 @@ def test_shipped_autoencoder_keeps_what_the_checker_scores(builtin):
 def test_through_ae_needs_ground_truth(capsys):
     assert main(["eval", "--through-ae", "--quick"]) == 2
     assert "--through-ae needs --ground-truth" in capsys.readouterr().err
+
+
+def test_eval_mu_pins_the_shift_at_every_size(capsys):
+    """`fluxkit eval --mu` samples with shift e^mu whatever the token count: the second of two steps sits at
+    sigma e^mu / (e^mu + 1) (from 0.5 shifted), where BFL's rule would give a size-dependent value."""
+    import math
+
+    from fluxkit.eval.cli import pin_shift
+
+    pipe = FluxPipeline.from_pretrained("fluxkit-tiny-dev")
+    seen = []
+
+    def cb(_pipe, i, t, kw):
+        seen.append(float(t))
+        return kw
+
+    def second_sigma(width, height):
+        seen.clear()
+        pipe("a red circle", width=width, height=height, steps=2, output_type="latent", callback_on_step_end=cb,
+             generator=torch.Generator().manual_seed(0))
+        return seen[1] / 1000  # diffusers' callback timestep is sigma x 1000
+
+    default = second_sigma(128, 128)
+    assert default == pytest.approx(math.exp(0.4675) / (math.exp(0.4675) + 1), abs=1e-3)  # 64 tokens: mu 0.4675
+    pin_shift(pipe, 1.1)
+    for width, height in ((128, 128), (256, 256)):
+        assert second_sigma(width, height) == pytest.approx(math.exp(1.1) / (math.exp(1.1) + 1), abs=1e-4)
+    pin_shift(pipe, 0.0)
+    assert second_sigma(128, 128) == pytest.approx(0.5, abs=1e-4)  # mu 0: the unshifted schedule
+    for argv, needle in ((["eval", "--probe", "--mu", "1"], "--mu"),
+                         (["eval", "--ground-truth", "--quick", "--mu", "1"], "--ground-truth samples nothing"),
+                         (["eval", "--quick", "--mu", "nan"], "--mu must be a finite number")):
+        assert main(argv) == 2
+        assert needle in capsys.readouterr().err

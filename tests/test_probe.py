@@ -9,13 +9,19 @@ import pytest
 
 from fluxkit.cli import main
 from fluxkit.data.captions import INVERSE
+from fluxkit.data.scenes import WORDS
 from fluxkit.eval.probe import ATTRIBUTES, MIRROR, build_probe, counterfactual_scene, score_probe, summarize
 
 FIELDS = {"colour", "shape", "size", "position"}  # object fields; background and relation are scene fields
 
 
 def _difference(a, b) -> set[str]:
-    """Which attributes of two scenes differ (object fields of the first object, background, relation, count)."""
+    """Which attributes of two scenes differ (object fields of the first object, background, relation, count, the
+    sign's text and everything else of the sign)."""
+    if a.sign is not None:
+        diff = {"text"} if a.sign.text != b.sign.text else set()
+        diff |= {"sign"} if replace(a.sign, text=b.sign.text) != b.sign else set()
+        return diff | ({"background"} if a.background != b.background else set())
     diff = {f for f in FIELDS if getattr(a.objects[0], f) != getattr(b.objects[0], f)}
     diff |= {f for f in ("background", "relation") if getattr(a, f) != getattr(b, f)}
     return diff | ({"count"} if len(a.objects) != len(b.objects) else set())
@@ -33,6 +39,9 @@ def test_counterfactual_changes_that_attribute_only(attribute):
             assert other.objects[0].position == MIRROR[it.scene.objects[0].position]
         if attribute == "relation":
             assert other.relation == INVERSE[it.scene.relation]
+        if attribute == "text":  # the same length, and a listed word stays a listed word
+            assert len(other.sign.text) == len(it.scene.sign.text)
+            assert (other.sign.text in WORDS) == (it.scene.sign.text in WORDS)
     assert [it.caption for it in build_probe(attribute, 6, seed=3)] == [it.caption for it in items]  # deterministic
 
 

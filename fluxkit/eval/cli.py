@@ -31,6 +31,8 @@ def add_parser(p: argparse.ArgumentParser) -> None:
                    help="--ground-truth: round-trip the renders through --model's autoencoder (the ceiling it sets)")
     p.add_argument("--steps", type=int, help="sampling steps (default: the model's)")
     p.add_argument("--guidance", type=float, help="distilled guidance (default: the model's)")
+    p.add_argument("--mu", type=float, help="pin the schedule's shift to e^MU instead of the resolution rule (BFL's "
+                   "mu; 0 is the unshifted schedule)")
     p.add_argument("--true-cfg", type=float, default=1.0, help="true CFG scale against the empty prompt (> 1 enables)")
     p.add_argument("--cache", help="step cache: fbcache:THRESHOLD or teacache:THRESHOLD")
     p.add_argument("--quantize", help="quantize the transformer (int8, fp8, q8_0, q4_0, ...)")
@@ -134,7 +136,22 @@ def _model_under_test(args):
         pipe.set_adapters(active, adapter_weights=[args.adapter_weight] * len(active))
     if args.cache:
         pipe.transformer.enable_cache(parse_cache(args.cache))
+    if args.mu is not None:
+        pin_shift(pipe, args.mu)
     return pipe
+
+
+def pin_shift(pipe, mu: float) -> None:
+    """Sample `pipe` with the constant shift e^mu at every image size (a model with an unshifted schedule gets it
+    too: pinning is an explicit choice)."""
+    import math
+
+    from ..pipeline import SchedulerConfig
+    from ..sampling import ShiftConfig
+
+    if not math.isfinite(mu):
+        raise ValueError(f"--mu must be a finite number, got {mu}")
+    pipe.scheduler = SchedulerConfig(use_dynamic_shifting=True, shift=ShiftConfig(base_shift=mu, max_shift=mu))
 
 
 def run_task(args) -> int:
@@ -171,7 +188,7 @@ def run_task(args) -> int:
 def run_compare(args) -> int:
     from .compare import compare, format_comparison, load_results
 
-    options = ("model", "transformer", "task", "quantize", "cache", "out", "steps", "guidance", "items",
+    options = ("model", "transformer", "task", "quantize", "cache", "out", "steps", "guidance", "mu", "items",
                "baseline_model")
     given = [f"--{k.replace('_', '-')}" for k in options if getattr(args, k) is not None]
     given += [f"--{k.replace('_', '-')}" for k in ("ground_truth", "through_ae", "quick", "probe") if getattr(args, k)]
@@ -186,6 +203,7 @@ def run_probe(args) -> int:
     from .probe import run_probe as probe
 
     given = [f"--{k.replace('_', '-')}" for k in ("task", "steps", "cache", "baseline_model") if getattr(args, k)]
+    given += ["--mu"] * (args.mu is not None)
     given += ["--ground-truth"] * args.ground_truth + ["--through-ae"] * args.through_ae
     given += ["--true-cfg"] * (args.true_cfg != 1.0)
     if given:
@@ -205,6 +223,8 @@ def run(args) -> int:
         return run_compare(args)
     if args.probe:
         return run_probe(args)
+    if args.mu is not None and args.ground_truth:
+        raise ValueError("--mu changes how a model samples; --ground-truth samples nothing")
     if args.probe_channel != "both":
         raise ValueError("--probe-channel needs --probe")
     if args.task is not None:

@@ -26,14 +26,15 @@ import numpy as np
 from ..atomic import atomic_write_text
 from ..data.captions import INVERSE, caption
 from ..data.render import render
-from ..data.scenes import BACKGROUNDS, COLOURS, SHAPES, Scene, contrasts, sample_scene
+from ..data.scenes import BACKGROUNDS, COLOURS, SHAPES, WORDS, Scene, contrasts, random_sign_text, sample_scene
 from .compare import wilson_interval
 
-ATTRIBUTES = ("colour", "shape", "size", "position", "background", "relation", "count")
+ATTRIBUTES = ("colour", "shape", "size", "position", "background", "relation", "count", "text")
 MIRROR = {"top left": "bottom right", "top right": "bottom left", "bottom left": "top right",
           "bottom right": "top left", "top": "bottom", "bottom": "top", "left": "right", "right": "left"}
 KIND_OF = {"colour": "single", "shape": "single", "size": "single", "position": "single", "background": "single",
-           "relation": "relation", "count": "count"}
+           "relation": "relation", "count": "count", "text": "sign"}
+ALWAYS_STATED = ("relation", "count", "text")  # the caption of their kind of scene always states them
 CHANNELS = ("both", "tokens", "pooled")  # what of the counterfactual's encoding the model is given
 TIMESTEPS = (0.95, 0.8, 0.6, 0.4)  # noise levels scored; word choices show most at high noise, details lower
 PROBE_ITEMS, QUICK_PROBE_ITEMS = 64, 16
@@ -71,6 +72,15 @@ def counterfactual_scene(scene: Scene, attribute: str, rng: random.Random) -> Sc
     if attribute == "count":
         n = rng.choice([k for k in (1, 2, 3) if k != len(scene.objects)])
         return replace(scene, objects=(obj,) * n)
+    if attribute == "text":  # another text of the same length and kind (a listed word, or random letters)
+        text = scene.sign.text
+        if text in WORDS:
+            other = rng.choice([w for w in WORDS if len(w) == len(text) and w != text])
+        else:
+            other = text
+            while other == text:
+                other = random_sign_text(rng, len(text))
+        return replace(scene, sign=replace(scene.sign, text=other))
     raise ValueError(f"attribute must be one of {ATTRIBUTES}, got {attribute!r}")
 
 
@@ -87,7 +97,7 @@ def build_probe(attribute: str, n: int, seed: int = 0, size: tuple[int, int] = (
         rng = random.Random(f"fluxkit-probe/{seed}/{attribute}/{i}")
         i += 1
         scene = sample_scene(rng, width, height, (KIND_OF[attribute],))
-        if attribute not in scene.stated and attribute not in ("relation", "count"):
+        if attribute not in scene.stated and attribute not in ALWAYS_STATED:
             continue
         other = counterfactual_scene(scene, attribute, rng)
         if other is None:
