@@ -6,6 +6,7 @@
     python -m benchmarks.diagnose_tiny context --model runs/tiny-kontext/export  # how much a Kontext model copies
     python -m benchmarks.diagnose_tiny prior --model runs/tiny-base-cont/export  # where it puts things at pure noise
     python -m benchmarks.diagnose_tiny synthetic      # can the architecture learn position words at all?
+    python -m benchmarks.diagnose_tiny signs --blocks 3 6   # ... and read a sign's word into its letters?
     python -m benchmarks.diagnose_tiny encoder        # how far apart MiniLM keeps two captions, layer by layer
 
 `fluxkit eval --probe` is the product's general form of `words`: every attribute, scored as a paired choice.
@@ -42,6 +43,11 @@ loss at t = 1 with the true caption and with the mirrored one. If the true capti
 one's, the architecture (RoPE with text at position 0, joint attention) can bind position words to image positions.
 `--train-scenes` sets how many scenes are drawn (default 1024; the first 64 held out, the rest trained on and
 repeated): how often each scene comes back decides whether the varied captions' position words are learned.
+
+`signs`: the same kind of run on sign scenes whose text is one of the listed words, scored with the true text and
+with another listed word of the same length (`--score-t`: the noise level, default t = 1, where the model can only
+draw what the caption tells it). `--boards fixed` puts one board in the middle of a white image, so the word is all
+that varies; `--boards varied` draws backgrounds, boards, places and phrasings as the training data does.
 
 `encoder`: for caption pairs that differ in one word (left / right, red / blue, ...), how far apart the frozen
 MiniLM keeps their token states after each layer (0 = the embeddings, 6 = the last, which the tiny models read): the
@@ -319,10 +325,7 @@ def synthetic_position(steps: int, seed: int, log_every: int = 100, latents: str
 
     from fluxkit import FluxPipeline, sampling
     from fluxkit.data.captions import caption
-    from fluxkit.data.render import render
     from fluxkit.data.scenes import Scene, make_object
-    from fluxkit.params import TINY_FLUX
-    from fluxkit.train.flow import init_flux
 
     if latents not in SYNTHETIC_LATENTS or captions not in SYNTHETIC_CAPTIONS:
         raise ValueError(f"latents must be one of {SYNTHETIC_LATENTS} and captions one of {SYNTHETIC_CAPTIONS}, "
@@ -354,24 +357,51 @@ def synthetic_position(steps: int, seed: int, log_every: int = 100, latents: str
         return caption(moved, random.Random(f"synthetic/{seed}/{i}"))  # one phrasing per scene, for both captions
 
     pipe = FluxPipeline.from_pretrained("fluxkit-tiny-dev", torch_dtype=torch.float32, device="cpu")
+    order = list(enumerate(zip(drawn, where.tolist(), strict=True)))
+    true_captions = [text(sc, k, i) for i, (sc, k) in order]
+    mirror_captions = [text(sc, k ^ 1, i) for i, (sc, k) in order]
     with torch.no_grad():
-        length = pipe.spec.max_sequence_length
-        true_txt, true_vec = pipe.encode_prompt([text(sc, k, i) for i, (sc, k) in enumerate(zip(drawn, where.tolist(),
-                                                strict=True))], None, max_sequence_length=length)
-        mirror_txt, mirror_vec = pipe.encode_prompt([text(sc, k ^ 1, i) for i, (sc, k) in
-                                                     enumerate(zip(drawn, where.tolist(), strict=True))],
-                                                    None, max_sequence_length=length)
         if latents == "scenes":
-            pixels = images_to_tensor([render(sc).image for sc in drawn])  # [N, 3, 128, 128]
-            x0_all = torch.cat([pipe.vae.encode(pixels[i : i + 64]) for i in range(0, n_all, 64)])  # [N, 16, 16, 16]
+            x0_all = encode_scenes(pipe, drawn)
         else:
             blocks_at = [(slice(4, 12), slice(0, 8)), (slice(4, 12), slice(8, 16)), (slice(0, 8), slice(4, 12)),
                          (slice(8, 16), slice(4, 12))]  # left, right, top, bottom of a 16x16 latent
             x0_all = torch.full((scenes, 16, 16, 16), -0.5)
             for i, k in enumerate(where.tolist()):
                 x0_all[(i, slice(None), *blocks_at[k])] = 1.0
-        x0_all = sampling.pack(x0_all)  # [N, 64, 64]
+            x0_all = sampling.pack(x0_all)  # [N, 64, 64]
     pooled = captions != "fixed" or latents != "flat"  # the original toy fed no pooled vector
+    first_half = (scenes, n_all) if captions == "curriculum" else None
+    return train_toy(pipe, x0_all, true_captions, mirror_captions, steps, seed, log_every, blocks, init, report,
+                     pooled=pooled, first_half=first_half)
+
+
+def encode_scenes(pipe, scenes: list) -> Tensor:
+    """The autoencoder's latents of rendered 128x128 scenes, packed -> [N, 64, 64]."""
+    from fluxkit import sampling
+    from fluxkit.data.render import render
+
+    pixels = images_to_tensor([render(sc).image for sc in scenes])  # [N, 3, 128, 128]
+    return sampling.pack(torch.cat([pipe.vae.encode(pixels[i : i + 64]) for i in range(0, len(scenes), 64)]))
+
+
+def train_toy(pipe, x0_all: Tensor, true_captions: list[str], other_captions: list[str], steps: int, seed: int,
+              log_every: int, blocks: tuple[int, int], init: str | None, report, pooled: bool = True,
+              first_half: tuple[int, int] | None = None, score_t: float = 1.0) -> list[tuple[int, float, float]]:
+    """A tiny-width transformer trained on the packed latents `x0_all` [N, 64, 64] under `true_captions`; rows 0-63
+    are held out and scored every `log_every` steps at t = `score_t` under both caption lists ->
+    [(step, true loss, other loss)]. `first_half`: (lo, hi) rows drawn for the first half of the steps (the rest
+    draw from 64..lo)."""
+    from dataclasses import replace
+
+    from fluxkit import FluxPipeline, sampling
+    from fluxkit.params import TINY_FLUX
+    from fluxkit.train.flow import init_flux
+
+    with torch.no_grad():
+        length = pipe.spec.max_sequence_length
+        true_txt, true_vec = pipe.encode_prompt(true_captions, None, max_sequence_length=length)
+        other_txt, other_vec = pipe.encode_prompt(other_captions, None, max_sequence_length=length)
     params = replace(TINY_FLUX, guidance_embed=False, depth=blocks[0], depth_single_blocks=blocks[1])
     start = None
     if init is not None:
@@ -386,6 +416,7 @@ def synthetic_position(steps: int, seed: int, log_every: int = 100, latents: str
         model.load_state_dict(start.state_dict(), strict=True)
     opt = torch.optim.AdamW(model.parameters(), lr=4e-4)
     fast_bf16 = bf16_is_fast("cpu")
+    train_hi = first_half[0] if first_half is not None else len(x0_all)
 
     def loss(rows: Tensor, txt: Tensor, vec: Tensor, t: Tensor, gen: torch.Generator) -> Tensor:
         x0 = x0_all[rows]
@@ -401,16 +432,16 @@ def synthetic_position(steps: int, seed: int, log_every: int = 100, latents: str
     for step in range(steps + 1):
         if step % log_every == 0:
             with torch.no_grad():
-                ones = torch.ones(64)
-                true = loss(held_out, true_txt, true_vec, ones, torch.Generator().manual_seed(seed + 1))
-                mirrored = loss(held_out, mirror_txt, mirror_vec, ones, torch.Generator().manual_seed(seed + 1))
-            out.append((step, float(true), float(mirrored)))
+                ts = torch.full((64,), score_t)
+                true = loss(held_out, true_txt, true_vec, ts, torch.Generator().manual_seed(seed + 1))
+                other = loss(held_out, other_txt, other_vec, ts, torch.Generator().manual_seed(seed + 1))
+            out.append((step, float(true), float(other)))
             if report is not None:
                 report(*out[-1])
         if step == steps:
             break
-        first_half = captions == "curriculum" and step < steps // 2
-        rows = torch.randint(*((scenes, n_all) if first_half else (64, scenes)), (32,), generator=gen)
+        early = first_half is not None and step < steps // 2
+        rows = torch.randint(*(first_half if early else (64, train_hi)), (32,), generator=gen)
         t = torch.sigmoid(torch.randn(32, generator=gen))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=fast_bf16):  # emulated bf16 is slower than fp32
             total = loss(rows, true_txt, true_vec, t, gen)
@@ -418,6 +449,54 @@ def synthetic_position(steps: int, seed: int, log_every: int = 100, latents: str
         total.backward()
         opt.step()
     return out
+
+
+SIGN_BOARDS = ("fixed", "varied")
+
+
+def synthetic_signs(steps: int, seed: int, log_every: int = 100, boards: str = "fixed",
+                    blocks: tuple[int, int] = (3, 6), scenes: int = 1024, report=None, init: str | None = None,
+                    score_t: float = 1.0) -> list[tuple[int, float, float]]:
+    """[(step, loss with the true sign text, with another listed word of the same length)] of a run on sign scenes
+    whose text is one of the listed words (`fluxkit.data.scenes.WORDS`), scored on the 64 held-out scenes at
+    t = `score_t`. boards: "fixed" = one board (black on white, centred, "a sign that says 'WORD'"), so the text is
+    all that changes; "varied" = backgrounds, boards and places drawn and captioned as the training data does."""
+    from dataclasses import replace
+
+    from fluxkit import FluxPipeline
+    from fluxkit.data.captions import caption
+    from fluxkit.data.scenes import BACKGROUNDS, BOARDS, WORDS, Scene, make_sign
+
+    if boards not in SIGN_BOARDS:
+        raise ValueError(f"boards must be one of {SIGN_BOARDS}, got {boards!r}")
+    if scenes <= 64:
+        raise ValueError(f"scenes must exceed the 64 held-out ones, got {scenes}")
+    rng = random.Random(f"synthetic-signs/{seed}")
+    drawn, true_captions, other_captions = [], [], []
+    for i in range(scenes):
+        word = WORDS[i % len(WORDS)]
+        other = rng.choice([w for w in WORDS if len(w) == len(word) and w != word])
+        if boards == "fixed":
+            sign = make_sign(rng, 128, 128, word, "white", BOARDS[2])  # yellow letters on a black board
+            w, h = sign.bbox[2] - sign.bbox[0], sign.bbox[3] - sign.bbox[1]
+            scene = Scene("sign", 128, 128, "white", frozenset({"text"}),
+                          sign=replace(sign, bbox=(64 - w / 2, 64 - h / 2, 64 + w / 2, 64 + h / 2)))
+            true_captions.append(f"a sign that says '{word}'")
+            other_captions.append(f"a sign that says '{other}'")
+        else:
+            background = rng.choice(tuple(BACKGROUNDS))
+            scene = Scene("sign", 128, 128, background, frozenset({"text"} | ({"background"} if rng.random() < 0.5
+                          else set())), sign=make_sign(rng, 128, 128, word, background))
+            phrasing = rng.random()
+            true_captions.append(caption(scene, random.Random(phrasing)))
+            other_captions.append(caption(replace(scene, sign=replace(scene.sign, text=other)),
+                                          random.Random(phrasing)))
+        drawn.append(scene)
+    pipe = FluxPipeline.from_pretrained("fluxkit-tiny-dev", torch_dtype=torch.float32, device="cpu")
+    with torch.no_grad():
+        x0_all = encode_scenes(pipe, drawn)
+    return train_toy(pipe, x0_all, true_captions, other_captions, steps, seed, log_every, blocks, init, report,
+                     score_t=score_t)
 
 
 def _print_rates(label: str, rows: dict) -> None:
@@ -429,7 +508,8 @@ def _print_rates(label: str, rows: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("diagnostic", choices=("words", "latents", "denoise", "context", "prior", "synthetic", "encoder"))
+    p.add_argument("diagnostic",
+                   choices=("words", "latents", "denoise", "context", "prior", "synthetic", "signs", "encoder"))
     p.add_argument("--model", default="fluxkit-tiny-dev", help="built-in name or folder (a tiny-family model)")
     p.add_argument("--scenes", type=int, default=48, help="single-object scenes (context: edit pairs)")
     p.add_argument("--out", type=Path, help="context: write the x0-estimate grid here (PNG)")
@@ -447,7 +527,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="synthetic: scenes drawn, the first 64 held out (the rest are trained on, repeated)")
     p.add_argument("--blocks", type=int, nargs=2, default=(1, 2), metavar=("DOUBLE", "SINGLE"),
                    help="synthetic: transformer depth (the shipped models: 3 6)")
-    p.add_argument("--init", help="synthetic: start from this tiny base model's transformer (name or folder)")
+    p.add_argument("--init", help="synthetic, signs: start from this tiny base model's transformer (name or folder)")
+    p.add_argument("--boards", choices=SIGN_BOARDS, default="fixed", help="signs: one board, or boards as trained")
+    p.add_argument("--score-t", type=float, default=1.0, help="signs: the noise level the held-out loss is taken at")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     from fluxkit import FluxPipeline
@@ -466,6 +548,12 @@ def main(argv: list[str] | None = None) -> int:
                            blocks=tuple(args.blocks), init=args.init, scenes=args.train_scenes,
                            report=lambda step, true, mirrored: print(f"{step:5d} {true:13.4f} {mirrored:9.4f}",
                                                                      flush=True))
+        return 0
+    if args.diagnostic == "signs":
+        print(f"{'step':>5} {'true text':>10} {'other word':>11}   (flow loss at t = {args.score_t})")
+        synthetic_signs(args.steps, args.seed, boards=args.boards, blocks=tuple(args.blocks), init=args.init,
+                        scenes=args.train_scenes, score_t=args.score_t,
+                        report=lambda step, true, other: print(f"{step:5d} {true:10.4f} {other:11.4f}", flush=True))
         return 0
     pipe = FluxPipeline.from_pretrained(args.model, torch_dtype=torch.float32, device="cpu")
     if pipe.spec.text_encoder != "minilm":

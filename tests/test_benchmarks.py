@@ -272,6 +272,26 @@ def test_diagnose_tiny_encoder_distances_end_at_the_states_the_models_read():
     assert rows["left / right"][-1] == pytest.approx(last, rel=1e-4)
 
 
+def test_diagnose_tiny_signs_scores_the_true_word_against_another_and_learns(capsys):
+    from benchmarks.diagnose_tiny import main, synthetic_signs
+
+    runs = {}
+    for boards in ("fixed", "varied"):
+        rows = runs[boards] = synthetic_signs(steps=4, seed=0, log_every=4, boards=boards, blocks=(1, 2), scenes=96)
+        assert [r[0] for r in rows] == [0, 4]
+        assert rows[0][1] == rows[0][2]  # zero-init output: the two words score alike
+        assert rows[-1][1] < rows[0][1] and rows[-1][1] != rows[-1][2]  # it learns, and the word now matters
+    assert runs["fixed"][0][1] != runs["varied"][0][1]  # other images
+    half = synthetic_signs(steps=4, seed=0, log_every=4, boards="fixed", blocks=(1, 2), scenes=96, score_t=0.5)
+    assert half[0][1] == pytest.approx(runs["fixed"][0][1], rel=0.05)  # a zero output scores |noise - x0|^2 at any t
+    assert half[-1][1] != runs["fixed"][-1][1]  # the same trained model, scored at another noise level
+    with pytest.raises(ValueError, match="boards must be one of"):
+        synthetic_signs(steps=1, seed=0, boards="nope")
+    assert main(["signs", "--blocks", "1", "2", "--steps", "1", "--train-scenes", "80"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "t = 1.0" in out[0] and len(out) == 2 and out[1].split()[0] == "0"
+
+
 def test_diagnose_tiny_synthetic_cli_draws_the_scenes_it_is_told(capsys):
     from benchmarks.diagnose_tiny import main
 
