@@ -460,7 +460,8 @@ def synthetic_signs(steps: int, seed: int, log_every: int = 100, boards: str = "
     """[(step, loss with the true sign text, with another listed word of the same length)] of a run on sign scenes
     whose text is one of the listed words (`fluxkit.data.scenes.WORDS`), scored on the 64 held-out scenes at
     t = `score_t`. boards: "fixed" = one board (yellow on black, centred on white, "a sign that says 'WORD'"):
-    the text is all that changes; "varied" = backgrounds, boards and places drawn and captioned as the training data does."""
+    the text is all that changes; "varied" = backgrounds, boards and places drawn and captioned as the training
+    data does."""
     from dataclasses import replace
 
     from fluxkit import FluxPipeline
