@@ -47,7 +47,13 @@ repeated): how often each scene comes back decides whether the varied captions' 
 `signs`: the same kind of run on sign scenes whose text is one of the listed words, scored with the true text and
 with another listed word of the same length (`--score-t`: the noise level, default t = 1, where the model can only
 draw what the caption tells it). `--boards fixed` puts one board in the middle of a white image, so the word is all
-that varies; `--boards varied` draws backgrounds, boards, places and phrasings as the training data does.
+that varies; `--boards varied` draws backgrounds, boards, places and phrasings as the training data does. In between,
+`placed` keeps the board centred and the caption fixed but draws the colours, and `moved` keeps the colours and the
+caption but draws the place.
+
+`relations`: the same kind of run on two-object scenes, scored with the true relation and the inverse one
+(`--layout placed`: a red circle and a blue square in fixed grid cells per relation, so the relation words are
+position words; `fixed`: the same two objects placed anywhere the relation holds; `varied`: as the training data).
 
 `encoder`: for caption pairs that differ in one word (left / right, red / blue, ...), how far apart the frozen
 MiniLM keeps their token states after each layer (0 = the embeddings, 6 = the last, which the tiny models read): the
@@ -451,7 +457,7 @@ def train_toy(pipe, x0_all: Tensor, true_captions: list[str], other_captions: li
     return out
 
 
-SIGN_BOARDS = ("fixed", "varied")
+SIGN_BOARDS = ("fixed", "placed", "moved", "varied")
 
 
 def synthetic_signs(steps: int, seed: int, log_every: int = 100, boards: str = "fixed",
@@ -460,8 +466,9 @@ def synthetic_signs(steps: int, seed: int, log_every: int = 100, boards: str = "
     """[(step, loss with the true sign text, with another listed word of the same length)] of a run on sign scenes
     whose text is one of the listed words (`fluxkit.data.scenes.WORDS`), scored on the 64 held-out scenes at
     t = `score_t`. boards: "fixed" = one board (yellow on black, centred on white, "a sign that says 'WORD'"):
-    the text is all that changes; "varied" = backgrounds, boards and places drawn and captioned as the training
-    data does."""
+    the text is all that changes; "placed" = centred and captioned as fixed, with background and board colours
+    drawn as the training data does; "moved" = fixed colours and caption, placed as the training data does;
+    "varied" = backgrounds, boards and places drawn and captioned as the training data does."""
     from dataclasses import replace
 
     from fluxkit import FluxPipeline
@@ -477,11 +484,13 @@ def synthetic_signs(steps: int, seed: int, log_every: int = 100, boards: str = "
     for i in range(scenes):
         word = WORDS[i % len(WORDS)]
         other = rng.choice([w for w in WORDS if len(w) == len(word) and w != word])
-        if boards == "fixed":
-            sign = make_sign(rng, 128, 128, word, "white", BOARDS[2])  # yellow letters on a black board
-            w, h = sign.bbox[2] - sign.bbox[0], sign.bbox[3] - sign.bbox[1]
-            scene = Scene("sign", 128, 128, "white", frozenset({"text"}),
-                          sign=replace(sign, bbox=(64 - w / 2, 64 - h / 2, 64 + w / 2, 64 + h / 2)))
+        if boards != "varied":
+            background = rng.choice(tuple(BACKGROUNDS)) if boards == "placed" else "white"
+            sign = make_sign(rng, 128, 128, word, background, None if boards == "placed" else BOARDS[2])
+            if boards != "moved":  # centred
+                w, h = sign.bbox[2] - sign.bbox[0], sign.bbox[3] - sign.bbox[1]
+                sign = replace(sign, bbox=(64 - w / 2, 64 - h / 2, 64 + w / 2, 64 + h / 2))
+            scene = Scene("sign", 128, 128, background, frozenset({"text"}), sign=sign)
             true_captions.append(f"a sign that says '{word}'")
             other_captions.append(f"a sign that says '{other}'")
         else:
@@ -500,6 +509,66 @@ def synthetic_signs(steps: int, seed: int, log_every: int = 100, boards: str = "
                      score_t=score_t)
 
 
+RELATION_SCENES = ("placed", "fixed", "varied")
+RELATION_CELLS = {"above": ("top", "bottom"), "below": ("bottom", "top"), "left of": ("left", "right"),
+                  "right of": ("right", "left")}  # relation -> grid cells of the two objects, for "placed"
+
+
+def synthetic_relations(steps: int, seed: int, log_every: int = 100, layout: str = "fixed",
+                        blocks: tuple[int, int] = (3, 6), scenes: int = 1024, report=None, init: str | None = None,
+                        score_t: float = 1.0) -> list[tuple[int, float, float]]:
+    """[(step, loss with the true relation, with the inverse one)] of a run on two-object scenes, scored on the 64
+    held-out scenes at t = `score_t`. layout: "placed" = a small red circle and a small blue square on white,
+    captioned "a red circle above a blue square" ("below", "to the left of", ...), each object in its own grid
+    cell per relation (top / bottom, left / right): the relation words act as position words; "fixed" = the same
+    two objects and caption, placed anywhere that makes the relation hold (only their offset tells it); "varied" =
+    objects, backgrounds and phrasings drawn and captioned as the training data does."""
+    from fluxkit import FluxPipeline
+
+    if scenes <= 64:
+        raise ValueError(f"scenes must exceed the 64 held-out ones, got {scenes}")
+    drawn, true_captions, other_captions = relation_scenes(layout, seed, scenes)
+    pipe = FluxPipeline.from_pretrained("fluxkit-tiny-dev", torch_dtype=torch.float32, device="cpu")
+    with torch.no_grad():
+        x0_all = encode_scenes(pipe, drawn)
+    return train_toy(pipe, x0_all, true_captions, other_captions, steps, seed, log_every, blocks, init, report,
+                     score_t=score_t)
+
+
+def relation_scenes(layout: str, seed: int, n: int) -> tuple[list, list[str], list[str]]:
+    """`n` two-object scenes of `layout` (see `synthetic_relations`), their captions and the captions with the
+    inverse relation."""
+    from fluxkit.data.captions import RELATION_PHRASES, caption
+    from fluxkit.data.scenes import RELATIONS, Scene, make_object, make_relation, sample_scene
+    from fluxkit.eval.probe import counterfactual_scene
+
+    if layout not in RELATION_SCENES:
+        raise ValueError(f"layout must be one of {RELATION_SCENES}, got {layout!r}")
+    rng = random.Random(f"synthetic-relations/{seed}")
+    drawn, true_captions, other_captions = [], [], []
+    for i in range(n):
+        relation = RELATIONS[i % len(RELATIONS)]
+        if layout == "varied":
+            scene = sample_scene(rng, 128, 128, kinds=("relation",))
+            phrasing = rng.random()
+            true_captions.append(caption(scene, random.Random(phrasing)))
+            other_captions.append(caption(counterfactual_scene(scene, "relation", rng), random.Random(phrasing)))
+        else:
+            if layout == "placed":
+                first = make_object(rng, 128, 128, "circle", "red", "small", RELATION_CELLS[relation][0])
+                objects = (first, make_object(rng, 128, 128, "square", "blue", "small", RELATION_CELLS[relation][1],
+                                              avoid=(first,)))
+            else:
+                objects = make_relation(rng, 128, 128, ("red", "circle"), ("blue", "square"), relation)
+            scene = Scene("relation", 128, 128, "white", frozenset({"colour", "shape", "relation"}), objects,
+                          relation)
+            inverse = counterfactual_scene(scene, "relation", rng).relation
+            true_captions.append(f"a red circle {RELATION_PHRASES[relation][0]} a blue square")
+            other_captions.append(f"a red circle {RELATION_PHRASES[inverse][0]} a blue square")
+        drawn.append(scene)
+    return drawn, true_captions, other_captions
+
+
 def _print_rates(label: str, rows: dict) -> None:
     checks = [c for c in next(iter(rows.values())) if c != "pass"]
     print(f"{label:<22} {'pass':>6} " + " ".join(f"{c:>9}" for c in checks))
@@ -510,7 +579,8 @@ def _print_rates(label: str, rows: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("diagnostic",
-                   choices=("words", "latents", "denoise", "context", "prior", "synthetic", "signs", "encoder"))
+                   choices=("words", "latents", "denoise", "context", "prior", "synthetic", "signs", "relations",
+                            "encoder"))
     p.add_argument("--model", default="fluxkit-tiny-dev", help="built-in name or folder (a tiny-family model)")
     p.add_argument("--scenes", type=int, default=48, help="single-object scenes (context: edit pairs)")
     p.add_argument("--out", type=Path, help="context: write the x0-estimate grid here (PNG)")
@@ -529,8 +599,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--blocks", type=int, nargs=2, default=(1, 2), metavar=("DOUBLE", "SINGLE"),
                    help="synthetic: transformer depth (the shipped models: 3 6)")
     p.add_argument("--init", help="synthetic, signs: start from this tiny base model's transformer (name or folder)")
-    p.add_argument("--boards", choices=SIGN_BOARDS, default="fixed", help="signs: one board, or boards as trained")
-    p.add_argument("--score-t", type=float, default=1.0, help="signs: the noise level the held-out loss is taken at")
+    p.add_argument("--boards", choices=SIGN_BOARDS, default="fixed",
+                   help="signs: one board; colours (placed) or places (moved) drawn; or boards as trained")
+    p.add_argument("--layout", choices=RELATION_SCENES, default="fixed",
+                   help="relations: objects in fixed cells, anywhere, or drawn as trained")
+    p.add_argument("--score-t", type=float, default=1.0,
+                   help="signs, relations: the noise level the held-out loss is taken at")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     from fluxkit import FluxPipeline
@@ -549,6 +623,13 @@ def main(argv: list[str] | None = None) -> int:
                            blocks=tuple(args.blocks), init=args.init, scenes=args.train_scenes,
                            report=lambda step, true, mirrored: print(f"{step:5d} {true:13.4f} {mirrored:9.4f}",
                                                                      flush=True))
+        return 0
+    if args.diagnostic == "relations":
+        print(f"{'step':>5} {'true':>10} {'inverse':>11}   (flow loss at t = {args.score_t})")
+        synthetic_relations(args.steps, args.seed, layout=args.layout, blocks=tuple(args.blocks), init=args.init,
+                            scenes=args.train_scenes, score_t=args.score_t,
+                            report=lambda step, true, other: print(f"{step:5d} {true:10.4f} {other:11.4f}",
+                                                                   flush=True))
         return 0
     if args.diagnostic == "signs":
         print(f"{'step':>5} {'true text':>10} {'other word':>11}   (flow loss at t = {args.score_t})")

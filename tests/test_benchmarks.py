@@ -276,12 +276,12 @@ def test_diagnose_tiny_signs_scores_the_true_word_against_another_and_learns(cap
     from benchmarks.diagnose_tiny import main, synthetic_signs
 
     runs = {}
-    for boards in ("fixed", "varied"):
+    for boards in ("fixed", "placed", "moved", "varied"):
         rows = runs[boards] = synthetic_signs(steps=4, seed=0, log_every=4, boards=boards, blocks=(1, 2), scenes=96)
         assert [r[0] for r in rows] == [0, 4]
         assert rows[0][1] == rows[0][2]  # zero-init output: the two words score alike
         assert rows[-1][1] < rows[0][1] and rows[-1][1] != rows[-1][2]  # it learns, and the word now matters
-    assert runs["fixed"][0][1] != runs["varied"][0][1]  # other images
+    assert len({runs[b][0][1] for b in runs}) == 4  # each setting draws other images
     half = synthetic_signs(steps=4, seed=0, log_every=4, boards="fixed", blocks=(1, 2), scenes=96, score_t=0.5)
     assert half[0][1] == pytest.approx(runs["fixed"][0][1], rel=0.05)  # a zero output scores |noise - x0|^2 at any t
     assert half[-1][1] != runs["fixed"][-1][1]  # the same trained model, scored at another noise level
@@ -290,6 +290,40 @@ def test_diagnose_tiny_signs_scores_the_true_word_against_another_and_learns(cap
     assert main(["signs", "--blocks", "1", "2", "--steps", "1", "--train-scenes", "80"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert "t = 1.0" in out[0] and len(out) == 2 and out[1].split()[0] == "0"
+
+
+def test_diagnose_tiny_relation_scenes_hold_the_relation_their_caption_states():
+    from benchmarks.diagnose_tiny import RELATION_CELLS, relation_scenes
+    from fluxkit.data.captions import INVERSE
+    from fluxkit.data.scenes import relation_of
+
+    for layout in ("placed", "fixed", "varied"):
+        scenes, true, other = relation_scenes(layout, seed=0, n=24)
+        assert len(scenes) == len(true) == len(other) == 24
+        assert {s.relation for s in scenes} == {"above", "below", "left of", "right of"}
+        for scene, t, o in zip(scenes, true, other, strict=True):
+            assert t != o
+            if layout == "placed":
+                assert tuple(ob.position for ob in scene.objects) == RELATION_CELLS[scene.relation]
+            else:
+                assert relation_of(*scene.objects) == scene.relation
+            if layout != "varied":
+                assert [(ob.colour, ob.shape) for ob in scene.objects] == [("red", "circle"), ("blue", "square")]
+                assert scene.background == "white"
+                word = {"above": "above", "below": "below", "left of": "left", "right of": "right"}
+                assert word[scene.relation] in t.split() and word[INVERSE[scene.relation]] in o.split()
+    with pytest.raises(ValueError, match="layout must be one of"):
+        relation_scenes("nope", seed=0, n=4)
+
+
+def test_diagnose_tiny_relations_cli_trains_and_scores(capsys):
+    from benchmarks.diagnose_tiny import main
+
+    assert main(["relations", "--layout", "placed", "--blocks", "1", "2", "--steps", "2", "--train-scenes", "80"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "t = 1.0" in out[0] and len(out) == 2
+    step, true, inverse = out[1].split()
+    assert step == "0" and true == inverse  # zero-init output: both relations score alike before training
 
 
 def test_diagnose_tiny_synthetic_cli_draws_the_scenes_it_is_told(capsys):
