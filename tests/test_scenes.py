@@ -19,12 +19,14 @@ from fluxkit.data.scenes import (
     HELD_OUT_PAIRS,
     IMAGE_SIZES,
     KINDS,
+    MARGIN,
     POSITIONS,
     RELATIONS,
     SHAPES,
     SIZES,
     WORDS,
     Scene,
+    contrasts,
     edit_move,
     edit_recolor,
     edit_remove,
@@ -233,6 +235,29 @@ def test_curriculum_options_state_and_pin_what_they_name():
     assert {s.objects[0].position for s in listed} == set(halves)
     assert {s.objects[0].colour for s in listed} == {"red", "blue"}
     assert {s.background for s in listed} == {"white", "black"} and {s.objects[0].size for s in listed} == {"large"}
+
+
+def test_sign_pins_fix_background_board_and_place():
+    plain = _scenes(60, seed=8, kinds=("sign",))
+    assert len({s.background for s in plain}) > 3 and len({s.sign.board for s in plain}) > 2
+    pinned = _scenes(60, seed=8, kinds=("sign",), pin={"background": "white", "board": "black", "position": "center"})
+    for s in pinned:  # every size of IMAGE_SIZES
+        x0, y0, x1, y1 = s.sign.bbox
+        assert (s.background, s.sign.board, s.sign.ink) == ("white", "black", "yellow")
+        assert (x0 + x1) / 2 == pytest.approx(s.width / 2) and (y0 + y1) / 2 == pytest.approx(s.height / 2)
+    assert len({s.sign.text for s in pinned}) > 10  # the text is still drawn
+    # a board near the frame's edge is pulled in: centred on the top cell where it fits, else at the margin
+    top = _scenes(30, seed=9, kinds=("sign",), pin={"position": "top", "board": ["black", "blue"]})
+    for s in top:
+        x0, y0, x1, y1 = s.sign.bbox
+        assert (x0 + x1) / 2 == pytest.approx(s.width / 2) and y0 >= MARGIN - 1e-9 and (y0 + y1) / 2 < s.height / 2
+        assert y0 == pytest.approx(MARGIN) or (y0 + y1) / 2 == pytest.approx(s.height / 6)
+        assert s.sign.board in ("black", "blue") and contrasts(s.sign.board, s.background)
+    assert {s.sign.board for s in top} == {"black", "blue"}
+    with pytest.raises(ValueError, match="board must be one of"):
+        sample_scene(random.Random(0), 128, 128, ("sign",), pin={"board": "green"})
+    with pytest.raises(ValueError, match="no board in"):
+        sample_scene(random.Random(0), 128, 128, ("sign",), pin={"board": "black", "background": "black"})
 
 
 @pytest.mark.parametrize(("pin", "state", "message"), [

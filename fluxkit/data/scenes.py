@@ -274,7 +274,8 @@ def _optional(rng: random.Random, kind: str, odds: dict[str, float]) -> frozense
     return frozenset(required | {a for a in sorted(optional) if rng.random() < odds[a]})
 
 
-PINNABLE = ("colour", "shape", "size", "background", "position")  # what `sample_scene(pin=...)` can fix
+PINNABLE = ("colour", "shape", "size", "background", "position", "board")  # what `sample_scene(pin=...)` can fix
+BOARD_NAMES = tuple(board for board, _ in BOARDS)
 OPTIONAL_ATTRIBUTES = frozenset().union(*(optional for _, optional in STATABLE.values()))
 
 
@@ -292,7 +293,7 @@ def check_pin(pin: dict, pairs: str = "train") -> None:
     if unknown:
         raise ValueError(f"pin: unknown attributes {unknown}; pinnable: {list(PINNABLE)}")
     for name, values in (("colour", COLOURS), ("shape", SHAPES), ("size", SIZES), ("background", BACKGROUNDS),
-                         ("position", POSITIONS)):
+                         ("position", POSITIONS), ("board", BOARD_NAMES)):
         if name not in pin:
             continue
         given = pin[name]
@@ -303,6 +304,8 @@ def check_pin(pin: dict, pairs: str = "train") -> None:
         if bad:
             raise ValueError(f"pin: {name} must be one of {list(values)}, got {given!r}")
     backgrounds = _pin_values(pin, "background", tuple(BACKGROUNDS))
+    if "board" in pin and not any(_pinned_boards(b, pin) for b in backgrounds):
+        raise ValueError(f"pin: no board in {pin['board']!r} contrasts with a background in {list(backgrounds)}")
     if not any(_pinned_pairs(pairs, b, pin) for b in backgrounds):
         raise ValueError(f"pin: no drawable (colour, shape) matches {pin} with pairs={pairs!r} (held-out pair, or "
                          "a colour too close to the background)")
@@ -311,6 +314,19 @@ def check_pin(pin: dict, pairs: str = "train") -> None:
 def _pinned_pairs(pairs: str, background: str, pin: dict) -> list[tuple[str, str]]:
     colours, shapes = _pin_values(pin, "colour", COLOURS), _pin_values(pin, "shape", SHAPES)
     return [(c, s) for c, s in allowed_pairs(pairs, background) if c in colours and s in shapes]
+
+
+def _pinned_boards(background: str, pin: dict) -> list[tuple[str, str]]:
+    return [bd for bd in BOARDS if bd[0] in _pin_values(pin, "board", BOARD_NAMES) and contrasts(bd[0], background)]
+
+
+def place_sign(sign: Sign, position: str, width: int, height: int) -> Sign:
+    """`sign` moved so its board is centred on grid cell `position`, as near as the frame (less MARGIN) allows."""
+    row, col = divmod(POSITIONS.index(position), 3)
+    w, h = sign.bbox[2] - sign.bbox[0], sign.bbox[3] - sign.bbox[1]
+    x = min(max(width * (col + 0.5) / 3, MARGIN + w / 2), width - MARGIN - w / 2)
+    y = min(max(height * (row + 0.5) / 3, MARGIN + h / 2), height - MARGIN - h / 2)
+    return replace(sign, bbox=(x - w / 2, y - h / 2, x + w / 2, y + h / 2))
 
 
 def _pinned(rng: random.Random, pin: dict, name: str, default: tuple[str, ...]) -> str:
@@ -328,7 +344,9 @@ def sample_scene(rng: random.Random, width: int, height: int, kinds: tuple[str, 
     For training curricula: `state` names optional attributes (size, position, background) every caption states
     where its kind can state them; `pin` fixes the (first) object's colour, shape, size and the background, and a
     single object's position, to one value each or to a list of values drawn from (a background that clashes with
-    the pinned colours is drawn again). Both off draw exactly what they drew before the options existed."""
+    the pinned colours is drawn again). For a sign, `pin` fixes the background, the board's colour ("board", with
+    the letter colour that goes with it in BOARDS) and where the board is centred ("position", a grid cell).
+    Both off draw exactly what they drew before the options existed."""
     if not isinstance(rng, random.Random):
         raise ValueError(f"rng must be a random.Random, got {type(rng).__name__}")
     if not kinds or any(k not in KINDS for k in kinds):
@@ -349,7 +367,15 @@ def sample_scene(rng: random.Random, width: int, height: int, kinds: tuple[str, 
                                                                                         STATABLE[kind][1])
     if kind == "sign":
         text = rng.choice(WORDS) if rng.random() < 0.6 else random_sign_text(rng, rng.randint(2, 5))
-        return Scene(kind, width, height, background, stated, sign=make_sign(rng, width, height, text, background))
+        if "background" in pin:
+            background = _pinned(rng, pin, "background", ())
+        while "board" in pin and not _pinned_boards(background, pin):  # check_pin guarantees some background works
+            background = rng.choice(_pin_values(pin, "background", tuple(BACKGROUNDS)))
+        board = rng.choice(_pinned_boards(background, pin)) if "board" in pin else None
+        sign = make_sign(rng, width, height, text, background, board)
+        if "position" in pin:
+            sign = place_sign(sign, _pinned(rng, pin, "position", ()), width, height)
+        return Scene(kind, width, height, background, stated, sign=sign)
     if "background" in pin:
         background = _pinned(rng, pin, "background", ())
     while not _pinned_pairs(pairs, background, pin):  # check_pin guarantees some background works

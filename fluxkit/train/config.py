@@ -48,7 +48,8 @@ class DataConfig:
     kinds: tuple[str, ...] = KINDS  # scene kinds, drawn uniformly per scene: repeat one to weight it (cache stage)
     # Curricula (cache stage): optional attributes every caption states ("position", "size", "background") and
     # attributes pinned to one value or a list ({colour = "red", shape = ["square", "circle"], size = "large",
-    # background = "white", position = ["left", "right", "top", "bottom"]}; position: single objects only).
+    # background = "white", position = ["left", "right", "top", "bottom"]}; position: single objects and signs,
+    # whose board is centred on the cell; board = "black" or a list: a sign's board colour, letters as in BOARDS).
     state: tuple[str, ...] = ()
     pin: dict = field(default_factory=dict)
 
