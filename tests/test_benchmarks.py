@@ -348,3 +348,35 @@ def test_diagnose_tiny_synthetic_can_start_from_a_trained_base():
     assert trained[1] != trained[2]  # and read the caption, unlike the zero-initialised output
     with pytest.raises(ValueError, match="not a tiny base"):
         synthetic_position(**kwargs, init="fluxkit-tiny-dev")  # it has a guidance embedding
+
+
+def test_compare_probes_pairs_items_and_splits_sign_text(tmp_path, capsys):
+    import json
+
+    from benchmarks.compare_probes import compare_probes, main
+
+    def item(attribute, caption, ok):
+        return {"attribute": attribute, "caption": caption, "counterfactual": caption + "?",
+                "error_true": 1.0, "error_counterfactual": 2.0 if ok else 0.5}
+
+    spec = [("colour", "a red circle", True, False), ("colour", "a blue square", True, True),
+            ("text", "a sign that says 'OPEN'", False, True), ("text", "a sign that says 'XKZ'", True, True),
+            ("text", "a sign reading 'STOP'", False, True)]
+    for name, col in (("a", 2), ("b", 3)):
+        (tmp_path / name).mkdir()
+        items = [item(s[0], s[1], s[col]) for s in spec]
+        (tmp_path / name / "probe.json").write_text(json.dumps({"summary": {}, "items": items}))
+    rows = compare_probes(tmp_path / "a", tmp_path / "b")
+    assert list(rows) == ["colour", "text, listed", "text, random", "overall"]
+    assert rows["colour"] | {"p": 0} == {"n": 2, "a": 2, "b": 1, "only_a": 1, "only_b": 0, "p": 0}
+    assert rows["text, listed"]["only_b"] == 2 and rows["text, random"]["n"] == 1
+    assert rows["overall"]["only_a"] == 1 and rows["overall"]["only_b"] == 2 and rows["overall"]["p"] == 1.0
+    assert main([str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    assert "text, listed" in capsys.readouterr().out
+    other = json.loads((tmp_path / "b" / "probe.json").read_text())
+    other["items"][0]["caption"] = "a green star"
+    (tmp_path / "b" / "probe.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="probed different items"):
+        compare_probes(tmp_path / "a", tmp_path / "b")
+    with pytest.raises(SystemExit, match="no probe.json"):
+        main([str(tmp_path / "a"), str(tmp_path / "missing")])
