@@ -473,7 +473,7 @@ def synthetic_signs(steps: int, seed: int, log_every: int = 100, boards: str = "
 
     from fluxkit import FluxPipeline
     from fluxkit.data.captions import caption
-    from fluxkit.data.scenes import BACKGROUNDS, BOARDS, WORDS, Scene, make_sign
+    from fluxkit.data.scenes import BACKGROUNDS, BOARDS, WORDS, Scene, make_sign, place_sign
 
     if boards not in SIGN_BOARDS:
         raise ValueError(f"boards must be one of {SIGN_BOARDS}, got {boards!r}")
@@ -487,9 +487,8 @@ def synthetic_signs(steps: int, seed: int, log_every: int = 100, boards: str = "
         if boards != "varied":
             background = rng.choice(tuple(BACKGROUNDS)) if boards == "placed" else "white"
             sign = make_sign(rng, 128, 128, word, background, None if boards == "placed" else BOARDS[2])
-            if boards != "moved":  # centred
-                w, h = sign.bbox[2] - sign.bbox[0], sign.bbox[3] - sign.bbox[1]
-                sign = replace(sign, bbox=(64 - w / 2, 64 - h / 2, 64 + w / 2, 64 + h / 2))
+            if boards != "moved":
+                sign = place_sign(sign, "center", 128, 128)
             scene = Scene("sign", 128, 128, background, frozenset({"text"}), sign=sign)
             true_captions.append(f"a sign that says '{word}'")
             other_captions.append(f"a sign that says '{other}'")
