@@ -140,3 +140,23 @@ def test_eval_mu_pins_the_shift_at_every_size(capsys):
                          (["eval", "--quick", "--mu", "nan"], "--mu must be a finite number")):
         assert main(argv) == 2
         assert needle in capsys.readouterr().err
+
+
+def test_eval_categories_runs_only_those_and_names_a_bad_one(tmp_path, capsys):
+    """`fluxkit eval --categories`: the suite cut to the named categories (here the ground truth's signs, OCR'd);
+    an unknown category or one given to --probe / --task / --compare is refused by name."""
+    import json
+
+    out = tmp_path / "signs"
+    assert main(["eval", "--ground-truth", "--quick", "--categories", "sign_word", "sign_random", "--seeds", "0",
+                 "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert {item["category"] for item in results["items"]} == {"sign_word", "sign_random"}
+    assert len(results["items"]) == 8  # 4 quick prompts x 2 categories x 1 seed
+    capsys.readouterr()
+    for argv, needle in ((["eval", "--ground-truth", "--quick", "--categories", "signs"], "categories must be"),
+                         (["eval", "--probe", "--categories", "position"], "takes no --categories"),
+                         (["eval", "--task", "fill", "--categories", "position"], "--categories applies to the suite"),
+                         (["eval", "--compare", "a", "b", "--categories", "position"], "takes no --categories")):
+        assert main(argv) == 2
+        assert needle in capsys.readouterr().err

@@ -256,6 +256,13 @@ def test_sign_pins_fix_background_board_and_place():
     assert {s.sign.board for s in top} == {"black", "blue"}
     with pytest.raises(ValueError, match="board must be one of"):
         sample_scene(random.Random(0), 128, 128, ("sign",), pin={"board": "green"})
+    listed = _scenes(60, seed=8, kinds=("sign",), pin={"text": "listed"})
+    assert {s.sign.text for s in listed} <= set(WORDS) and len({s.sign.text for s in listed}) > 15
+    assert not {s.sign.text for s in _scenes(60, seed=8, kinds=("sign",), pin={"text": "random"})} & set(WORDS)
+    assert {s.sign.text for s in _scenes(20, seed=8, kinds=("sign",), pin={"text": ["OPEN", "ZZ"]})} == {"OPEN", "ZZ"}
+    for bad in ("listed words", ["OPEN", "open"], ["A"], 3, []):
+        with pytest.raises(ValueError, match="text must be one of"):
+            sample_scene(random.Random(0), 128, 128, ("sign",), pin={"text": bad})
     with pytest.raises(ValueError, match="no board in"):
         sample_scene(random.Random(0), 128, 128, ("sign",), pin={"board": "black", "background": "black"})
 

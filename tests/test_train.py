@@ -15,7 +15,7 @@ from fluxkit.train.cache import LatentCache
 from fluxkit.train.config import parse_override
 from fluxkit.train.distill import KEY_TIMES, DevTask, teacher_grid
 from fluxkit.train.flow import BaseTask, export_run, position_ids
-from fluxkit.train.loop import Dist, make_optimizer, step_generator
+from fluxkit.train.loop import Dist, RunFolder, make_optimizer, step_generator
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 STAGES = ("ae", "cache", "base", "dev", "schnell")
@@ -305,6 +305,24 @@ def test_dev_student_starts_as_the_base_teacher(runs):
         for g in (1.0, 7.0):  # the zero-initialised guidance embedding contributes nothing yet
             student = task.model(x, img_ids, txt, txt_ids, t, vec, torch.full((2,), g))
             torch.testing.assert_close(student, teacher)
+
+
+def test_dev_guidance_init_takes_an_earlier_devs_guidance_input(runs, tmp_path):
+    """distill.guidance_init: the student's guidance_in comes from a dev run or an exported dev folder (the rest from
+    the teacher); a model without one is refused by name."""
+    dev = RunFolder(runs / "test-dev").load_ema()
+    expected = {k: v for k, v in dev.items() if k.startswith("guidance_in.")}
+    assert any(v.abs().sum() > 0 for k, v in expected.items() if "out_layer" in k)  # trained, not the silent init
+    export_run(runs / "test-dev", tmp_path / "dev")
+    for ref in ("test-dev", str(tmp_path / "dev")):
+        task = DevTask(config("dev", "name=dev-ginit", f"distill.guidance_init={ref!r}"), Dist(), runs)
+        got = task.model.state_dict()
+        for k, v in expected.items():
+            exact = ref == "test-dev"  # the export may store bf16
+            torch.testing.assert_close(got[k], v.float(), rtol=0 if exact else 1e-2, atol=0 if exact else 1e-3)
+        torch.testing.assert_close(got["img_in.weight"], task.teacher.img_in.weight)
+    with pytest.raises(ValueError, match="has no guidance input"):
+        DevTask(config("dev", "name=dev-ginit", "distill.guidance_init='test-base'"), Dist(), runs)
 
 
 def test_schnell_trajectories_hold_the_linear_schedule_points(runs):

@@ -274,7 +274,8 @@ def _optional(rng: random.Random, kind: str, odds: dict[str, float]) -> frozense
     return frozenset(required | {a for a in sorted(optional) if rng.random() < odds[a]})
 
 
-PINNABLE = ("colour", "shape", "size", "background", "position", "board")  # what `sample_scene(pin=...)` can fix
+PINNABLE = ("colour", "shape", "size", "background", "position", "board", "text")  # what `sample_scene(pin=...)` fixes
+TEXT_KINDS = ("listed", "random")  # a sign's `text` pin may name a kind of text instead of the texts themselves
 BOARD_NAMES = tuple(board for board, _ in BOARDS)
 OPTIONAL_ATTRIBUTES = frozenset().union(*(optional for _, optional in STATABLE.values()))
 
@@ -303,12 +304,35 @@ def check_pin(pin: dict, pairs: str = "train") -> None:
         bad = [v for v in _pin_values(pin, name, ()) if v not in values]
         if bad:
             raise ValueError(f"pin: {name} must be one of {list(values)}, got {given!r}")
+    if "text" in pin:
+        given = pin["text"]
+        texts = (given,) if isinstance(given, str) else tuple(given) if isinstance(given, (list, tuple)) else ()
+        if not (texts and all(isinstance(t, str) for t in texts)
+                and (given in TEXT_KINDS or all(_sign_text_ok(t) for t in texts))):
+            raise ValueError(f"pin: text must be one of {list(TEXT_KINDS)}, or one or a list of sign texts (2-5 "
+                             f"letters A-Z), got {pin['text']!r}")
     backgrounds = _pin_values(pin, "background", tuple(BACKGROUNDS))
     if "board" in pin and not any(_pinned_boards(b, pin) for b in backgrounds):
         raise ValueError(f"pin: no board in {pin['board']!r} contrasts with a background in {list(backgrounds)}")
     if not any(_pinned_pairs(pairs, b, pin) for b in backgrounds):
         raise ValueError(f"pin: no drawable (colour, shape) matches {pin} with pairs={pairs!r} (held-out pair, or "
                          "a colour too close to the background)")
+
+
+def _sign_text_ok(text: str) -> bool:
+    return 2 <= len(text) <= 5 and all(c in LETTERS for c in text)
+
+
+def _sign_text(rng: random.Random, pin: dict) -> str:
+    """A sign's text: a listed word 60% of the time, else random letters; a `text` pin narrows the choice."""
+    kind = pin.get("text")
+    if kind is None:
+        return rng.choice(WORDS) if rng.random() < 0.6 else random_sign_text(rng, rng.randint(2, 5))
+    if kind == "listed":
+        return rng.choice(WORDS)
+    if kind == "random":
+        return random_sign_text(rng, rng.randint(2, 5))
+    return _pinned(rng, pin, "text", ())
 
 
 def _pinned_pairs(pairs: str, background: str, pin: dict) -> list[tuple[str, str]]:
@@ -345,7 +369,8 @@ def sample_scene(rng: random.Random, width: int, height: int, kinds: tuple[str, 
     where its kind can state them; `pin` fixes the (first) object's colour, shape, size and the background, and a
     single object's position, to one value each or to a list of values drawn from (a background that clashes with
     the pinned colours is drawn again). For a sign, `pin` fixes the background, the board's colour ("board", with
-    the letter colour that goes with it in BOARDS) and where the board is centred ("position", a grid cell).
+    the letter colour that goes with it in BOARDS), where the board is centred ("position", a grid cell) and its
+    text ("text": "listed" for WORDS only, "random" for random letters only, or the texts to draw from).
     Both off draw exactly what they drew before the options existed."""
     if not isinstance(rng, random.Random):
         raise ValueError(f"rng must be a random.Random, got {type(rng).__name__}")
@@ -366,7 +391,7 @@ def sample_scene(rng: random.Random, width: int, height: int, kinds: tuple[str, 
     stated = _optional(rng, kind, {"size": 0.6, "position": 0.7, "background": 0.5}) | (set(state) &
                                                                                         STATABLE[kind][1])
     if kind == "sign":
-        text = rng.choice(WORDS) if rng.random() < 0.6 else random_sign_text(rng, rng.randint(2, 5))
+        text = _sign_text(rng, pin)
         if "background" in pin:
             background = _pinned(rng, pin, "background", ())
         while "board" in pin and not _pinned_boards(background, pin):  # check_pin guarantees some background works

@@ -40,6 +40,9 @@ def add_parser(p: argparse.ArgumentParser) -> None:
                    help="scale the model's own adapters (a LoRA variant such as fluxkit-tiny-fill) by W; "
                         "0 measures its base without them")
     p.add_argument("--quick", action="store_true", help="4 prompts per category instead of the full suite")
+    p.add_argument("--categories", nargs="+", metavar="CATEGORY",
+                   help="run only these suite categories (position colour shape size count relation background "
+                        "sign_word sign_random held_out; default: all)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds per prompt")
     p.add_argument("--size", type=int, nargs=2, default=[128, 128], metavar=("WIDTH", "HEIGHT"))
     p.add_argument("--batch-size", type=int, default=16)
@@ -161,8 +164,8 @@ def run_task(args) -> int:
 
     if args.true_cfg != 1.0:
         raise ValueError("--true-cfg is not supported with --task")
-    if args.through_ae:
-        raise ValueError("--through-ae applies to the suite, not to --task")
+    if args.through_ae or args.categories:
+        raise ValueError(f"{'--through-ae' if args.through_ae else '--categories'} applies to the suite, not to --task")
     if args.baseline_model and args.task not in ("control", "regional"):
         raise ValueError(f"--baseline-model applies to --task control or regional only, got --task {args.task}")
     n = args.items if args.items is not None else QUICK_ITEMS if args.quick else TASK_ITEMS
@@ -191,7 +194,8 @@ def run_compare(args) -> int:
     options = ("model", "transformer", "task", "quantize", "cache", "out", "steps", "guidance", "mu", "items",
                "baseline_model")
     given = [f"--{k.replace('_', '-')}" for k in options if getattr(args, k) is not None]
-    given += [f"--{k.replace('_', '-')}" for k in ("ground_truth", "through_ae", "quick", "probe") if getattr(args, k)]
+    given += [f"--{k.replace('_', '-')}" for k in ("ground_truth", "through_ae", "quick", "probe", "categories")
+              if getattr(args, k)]
     if given:
         raise ValueError(f"--compare reads two finished runs and generates nothing; it takes no {', '.join(given)}")
     a, b = args.compare
@@ -202,7 +206,8 @@ def run_compare(args) -> int:
 def run_probe(args) -> int:
     from .probe import run_probe as probe
 
-    given = [f"--{k.replace('_', '-')}" for k in ("task", "steps", "cache", "baseline_model") if getattr(args, k)]
+    given = [f"--{k.replace('_', '-')}" for k in ("task", "steps", "cache", "baseline_model", "categories")
+             if getattr(args, k)]
     given += ["--mu"] * (args.mu is not None)
     given += ["--ground-truth"] * args.ground_truth + ["--through-ae"] * args.through_ae
     given += ["--true-cfg"] * (args.true_cfg != 1.0)
@@ -234,7 +239,8 @@ def run(args) -> int:
     from .run import run_eval, score_ground_truth
     from .suite import build_suite
 
-    suite = build_suite(quick=args.quick, seeds=tuple(args.seeds), size=tuple(args.size))
+    suite = build_suite(quick=args.quick, seeds=tuple(args.seeds), size=tuple(args.size),
+                        **({"categories": tuple(args.categories)} if args.categories else {}))
     if args.ground_truth:
         transform = autoencode(_load(args, args.model or "fluxkit-tiny-dev")) if args.through_ae else None
         score_ground_truth(suite, args.out, transform=transform)

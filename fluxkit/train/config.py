@@ -181,6 +181,9 @@ class DistillOptions:
     teacher: str = "tiny-base"  # a finished run (name under the runs dir, or a path); its EMA weights teach
     cache: str | tuple[str, ...] = "tiny-cache"  # a cache run, or a data mix of several (as flow.cache)
     guidance_range: tuple[float, float] = (1.0, 7.0)  # dev: g ~ U[lo, hi]
+    # dev: a guidance-distilled model folder or dev run whose guidance input starts the student's (e.g. when the
+    # teacher is that model's base trained further); "" starts it silent
+    guidance_init: str = ""
     guidance: float = 3.5  # schnell: the dev teacher's guidance along its trajectories
     trajectories: int = 2048  # schnell: teacher ODE solutions, noise -> image
     teacher_steps: int = 20  # schnell: shifted Euler steps of the teacher (the 4-step linear points are added)

@@ -62,6 +62,24 @@ def init_student(student: Flux, sd: dict[str, Tensor], differs_in: str) -> None:
     student.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
 
 
+def guidance_weights(runs_dir: Path, ref: str) -> dict[str, Tensor]:
+    """The guidance_in.* weights of a guidance-distilled model folder (fluxkit.json + safetensors) or dev run (EMA)."""
+    import json
+
+    root = resolve_run(Path(runs_dir), ref, "guidance_init")
+    if (root / "fluxkit.json").is_file():
+        file = root / json.loads((root / "fluxkit.json").read_text())["transformer"]
+        if file.suffix != ".safetensors":
+            raise ValueError(f"guidance_init {ref!r}: {file.name} is not a safetensors file (export it unquantized)")
+        sd = load_file(file)
+    else:
+        sd = RunFolder(root).load_ema()
+    found = {k: v.float() for k, v in sd.items() if k.startswith("guidance_in.")}
+    if not found:
+        raise ValueError(f"guidance_init {ref!r} has no guidance input (guidance_in.*): name a dev model or run")
+    return found
+
+
 class DevTask(FlowTask):
     def __init__(self, cfg: TrainConfig, dist: Dist, runs_dir: Path):
         super().__init__(cfg, dist, runs_dir)
@@ -72,9 +90,17 @@ class DevTask(FlowTask):
                                         dist.device)
         self.model = self.net = init_flux(self.spec.flux, cfg.seed, cfg.train.gradient_checkpointing)
         init_student(self.model, sd, "guidance_in")
-        with torch.no_grad():  # the new embedding starts silent: the student equals the base model at first
-            self.model.guidance_in.out_layer.weight.zero_()
-            self.model.guidance_in.out_layer.bias.zero_()
+        if self.opts.guidance_init:  # an earlier dev's guidance input, on a teacher trained on from its base
+            own = {k: v.shape for k, v in self.model.state_dict().items() if k.startswith("guidance_in.")}
+            given = guidance_weights(runs_dir, self.opts.guidance_init)
+            if {k: v.shape for k, v in given.items()} != own:
+                raise ValueError(f"guidance_init {self.opts.guidance_init!r}: its guidance input does not fit this "
+                                 f"model ({sorted(given)} vs {sorted(own)})")
+            self.model.load_state_dict(given, strict=False)
+        else:
+            with torch.no_grad():  # the new embedding starts silent: the student equals the base model at first
+                self.model.guidance_in.out_layer.weight.zero_()
+                self.model.guidance_in.out_layer.bias.zero_()
 
     def sample_kwargs(self) -> dict:
         return {"guidance": self.cfg.sample.guidance}
